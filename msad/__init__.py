@@ -1,0 +1,11 @@
+"""msad: low-resolution object detection by distillation, as a Detectron2 plugin.
+
+Importing this package registers its backbones, meta-architectures and bundled datasets.
+"""
+from . import backbone, fcos, teacher  # noqa: F401  (registration by import)
+from .config import add_msad_config
+from .data import register_synthetic
+
+register_synthetic()
+
+__all__ = ["add_msad_config"]

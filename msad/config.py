@@ -1,0 +1,71 @@
+"""``add_msad_config``: every configuration key this project adds to Detectron2's.
+
+Defaults are the papers' values (MSAD, CVPR 2021; official code's configs) unless a comment
+says otherwise.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_msad_config(cfg):
+    _C = cfg
+
+    # ---- Data ---------------------------------------------------------------------------
+    # Extra COCO-format datasets to register before training, each [name, json_file, image_root];
+    # then name them in DATASETS.TRAIN / DATASETS.TEST.
+    _C.DATASETS.COCO_INSTANCES = []
+
+    # ---- Slimmable ResNet + FPN backbone (msad/backbone.py, msad/slimmable.py) ---------
+    _C.MODEL.SLIMMABLE = CN()
+    # Width multiplier of the ResNet: stem int(64w), res2 int(256w), bottleneck int(64w).
+    _C.MODEL.SLIMMABLE.WIDTH = 1.0
+    # Widths the slimmable ImageNet checkpoint was trained with; the position of WIDTH in this
+    # list selects its BatchNorm statistics (the file does not store the list).
+    _C.MODEL.SLIMMABLE.WIDTH_LIST = [0.25, 0.5, 0.75, 1.0]
+    # Path of a slimmable-network ImageNet checkpoint (s_resnet50_0.25_0.5_0.75_1.0.pt) to
+    # initialise the ResNet from, sliced to WIDTH; "" = none.  MODEL.WEIGHTS, if set, is loaded
+    # afterwards by the checkpointer and wins.
+    _C.MODEL.SLIMMABLE.PRETRAINED = ""
+
+    # Levels FPN adds above P5 from res5: 2 = P6, P7; 1 = P6 only, for detectors whose
+    # coarsest level is P6 (a P7 they never use would leave parameters without gradients).
+    _C.MODEL.FPN.NUM_TOP_LEVELS = 2
+
+    # ---- FCOS head and its losses (msad/fcos.py) -----------------------------------------
+    _C.MODEL.FCOS = CN()
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    # Levels the head runs on, at full resolution; branches that see a smaller image use the
+    # levels aligned with these (msad/alignment.py).
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # SingleScaleFCOS only: "HR" sees the full image (the HR baseline), "LR" the 1/LR_FACTOR
+    # copy resampled with LR_RESAMPLE (the low-resolution baseline), still predicting boxes in
+    # full-image coordinates.
+    _C.MODEL.FCOS.INPUT_RESOLUTION = "HR"
+    _C.MODEL.FCOS.NUM_CONVS = 4  # convs in each of the classification and box towers
+    _C.MODEL.FCOS.NORM = "GN"  # norm of the tower convs
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01  # initial foreground probability of the classifier
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    # Locations within RADIUS x stride of a box centre (and inside the box) are positives.
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    # Test: keep locations whose class probability exceeds this (not multiplied by centerness);
+    # they are then ranked by sqrt(class probability x centerness).
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # per level, before NMS
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+    # (Detections per image after NMS: Detectron2's TEST.DETECTIONS_PER_IMAGE, 100.)
+
+    # ---- MSAD multi-scale alignment and teacher (msad/alignment.py, msad/teacher.py) -----
+    _C.MODEL.MSAD = CN()
+    # Images are padded to a multiple of this so that every level of the 1/FACTOR image is
+    # exactly as large as the next-coarser level of the full image.
+    _C.MODEL.MSAD.SIZE_DIVISIBILITY = 256
+    # The low-resolution branch sees the padded, normalised batch down-sampled by this factor
+    # (nearest); its level P(l) pairs with the full image's P(l + log2 FACTOR).
+    _C.MODEL.MSAD.LR_FACTOR = 2
+    # How the LR copy is made: "nearest" (MSAD), or "bilinear"/"bicubic" (antialiased).
+    _C.MODEL.MSAD.LR_RESAMPLE = "nearest"
+    # Teacher loss = HR loss + LR loss + JOINT_WEIGHT x loss on the fused features.
+    _C.MODEL.MSAD.JOINT_WEIGHT = 0.4
+    # Hidden width of the crossing-level fusion's Linear(2C -> hidden) -> ReLU -> Linear(-> 2).
+    _C.MODEL.MSAD.FUSION_HIDDEN_DIM = 32
+    return cfg

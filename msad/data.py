@@ -1,0 +1,210 @@
+"""The bundled synthetic detection dataset: generation and registration.
+
+Scenes are textured backgrounds with clutter and several object classes whose sizes run
+log-uniformly from a few pixels to about half the image, drawn over each other so that some
+are partly hidden.  At 0.5x and 0.25x input many of the small ones shrink to a few pixels,
+which is the regime low-resolution detection is about.  The generator is deterministic: the
+same seed gives the same bytes (JPEG encoding included) on the same library versions.
+
+Importing :mod:`msad` registers ``msad_synth_train`` and ``msad_synth_val`` under Detectron2's
+dataset root (``$DETECTRON2_DATASETS``, default ``datasets/``); the first use generates them.
+"""
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json, register_coco_instances
+
+logger = logging.getLogger(__name__)
+
+CLASSES = ("disk", "square", "triangle", "ring", "cross")
+# A base hue per class (OpenCV hue, 0-180): colour is a hint, shape decides.
+_CLASS_HUE = (0, 30, 60, 100, 140)
+DATASET_DIR = "msad_synth"
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    name: str
+    num_images: int
+    seed: int
+
+
+# Sizes chosen so that the CPU quickstart trains in minutes; see tools/make_synthetic_dataset.py
+# to make a larger copy.
+SPLITS = (SplitSpec("train", 240, 0), SplitSpec("val", 60, 1))
+IMAGE_HEIGHT_RANGE = (200, 300)
+IMAGE_WIDTH_RANGE = (240, 400)
+OBJECT_SIZE_RANGE = (6, 128)  # longest side in pixels, sampled log-uniformly
+OBJECTS_PER_IMAGE = (3, 10)
+MIN_VISIBLE_FRACTION = 0.35  # more hidden than this and the object is not annotated
+
+
+def dataset_root():
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def split_paths(split, root=None):
+    base = os.path.join(root or dataset_root(), DATASET_DIR)
+    return os.path.join(base, f"{split}.json"), os.path.join(base, split)
+
+
+def _background(rng, h, w):
+    # Low-frequency colour noise at three scales, plus a lighting gradient and line clutter.
+    img = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((4, 90.0), (16, 40.0), (64, 15.0)):
+        coarse = rng.uniform(-1, 1, size=(max(2, h * cells // 256), max(2, w * cells // 256), 3))
+        img += amp * cv2.resize(coarse.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    img += rng.uniform(60, 190, size=3).astype(np.float32)
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    img += (30 * (np.cos(angle) * gx / w + np.sin(angle) * gy / h))[..., None]
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(int(rng.integers(3, 9))):
+        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        cv2.line(img, p1, p2, colour, int(rng.integers(1, 3)), cv2.LINE_AA)
+    return img
+
+
+def _shape_mask(rng, cls, size, h, w):
+    """Mask (h, w) of one object of class `cls` with longest side about `size`."""
+    mask = np.zeros((h, w), np.uint8)
+    cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
+    r = max(size / 2.0, 2.0)
+    name = CLASSES[cls]
+    if name == "disk":
+        cv2.ellipse(mask, (cx, cy), (int(r), int(r * rng.uniform(0.7, 1.0))),
+                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    elif name == "ring":
+        cv2.circle(mask, (cx, cy), int(r), 1, -1)
+        cv2.circle(mask, (cx, cy), int(r * 0.55), 0, -1)
+    else:
+        if name == "square":
+            pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32) * 0.72
+        elif name == "triangle":
+            pts = np.array([[0, -1], [0.87, 0.5], [-0.87, 0.5]], np.float32)
+        else:  # cross
+            a, b = 1.0, 0.33
+            pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a],
+                            [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]], np.float32)
+        t = rng.uniform(0, 2 * math.pi)
+        rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], np.float32)
+        poly = (pts @ rot.T) * r + np.array([cx, cy], np.float32)
+        cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1, cv2.LINE_8)
+    return mask.astype(bool)
+
+
+def _texture(rng, cls, h, w):
+    hue = (_CLASS_HUE[cls] + int(rng.integers(-12, 13))) % 180
+    hsv = np.empty((h, w, 3), np.float32)
+    hsv[..., 0] = hue
+    hsv[..., 1] = rng.uniform(120, 255)
+    value = rng.uniform(90, 255) + rng.normal(0, 18, size=(h, w))
+    gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+    hsv[..., 2] = np.clip(value + 35 * gy, 0, 255)  # shading from above
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)
+
+
+def make_image(rng, image_id):
+    """One scene: BGR image and its COCO annotations (boxes of the visible parts)."""
+    h = int(rng.integers(*IMAGE_HEIGHT_RANGE, endpoint=True))
+    w = int(rng.integers(*IMAGE_WIDTH_RANGE, endpoint=True))
+    img = _background(rng, h, w)
+    owner = np.full((h, w), -1, np.int32)  # index of the object visible at each pixel
+    objects = []
+    lo, hi = (math.log(s) for s in OBJECT_SIZE_RANGE)
+    for k in range(int(rng.integers(*OBJECTS_PER_IMAGE, endpoint=True))):
+        cls = int(rng.integers(len(CLASSES)))
+        mask = _shape_mask(rng, cls, math.exp(rng.uniform(lo, hi)), h, w)
+        if mask.sum() < 4:
+            continue
+        img[mask] = _texture(rng, cls, h, w)[mask]
+        owner[mask] = k
+        objects.append((k, cls, int(mask.sum())))
+    annotations = []
+    for k, cls, full_area in objects:
+        ys, xs = np.nonzero(owner == k)
+        if len(xs) == 0 or len(xs) < MIN_VISIBLE_FRACTION * full_area:
+            continue
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        annotations.append({"image_id": image_id, "category_id": cls + 1, "iscrowd": 0,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(len(xs))})
+    img = cv2.GaussianBlur(img, (3, 3), 0.6)  # soften aliased edges like a camera would
+    return img, annotations
+
+
+def generate_split(json_file, image_dir, num_images, seed, progress=None):
+    """Write `num_images` scenes as JPEGs plus a COCO JSON; deterministic in `seed`."""
+    os.makedirs(image_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for i in range(num_images):
+        img, anns = make_image(rng, i + 1)
+        file_name = f"{i + 1:06d}.jpg"
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode {file_name}")
+        with open(os.path.join(image_dir, file_name), "wb") as f:
+            f.write(buf.tobytes())
+        images.append({"id": i + 1, "file_name": file_name, "height": img.shape[0],
+                       "width": img.shape[1]})
+        for a in anns:
+            a["id"] = len(annotations) + 1
+            annotations.append(a)
+        if progress:
+            progress(i + 1, num_images)
+    coco = {"info": {"description": f"msad synthetic scenes, seed {seed}"},
+            "images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    # Written last and atomically: a JSON on disk means the split is complete.
+    tmp = json_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(coco, f, sort_keys=True)
+    os.replace(tmp, json_file)
+    return coco
+
+
+def ensure_split(spec: SplitSpec, root=None):
+    json_file, image_dir = split_paths(spec.name, root)
+    if not os.path.exists(json_file):
+        logger.info("Generating the synthetic %s split (%d images) in %s",
+                    spec.name, spec.num_images, os.path.dirname(json_file))
+        generate_split(json_file, image_dir, spec.num_images, spec.seed)
+    return json_file, image_dir
+
+
+def register_synthetic(root=None):
+    """Register ``msad_synth_{train,val}``; their files are generated when first loaded."""
+    for spec in SPLITS:
+        name = f"msad_synth_{spec.name}"
+        if name in DatasetCatalog.list():
+            continue
+        json_file, image_dir = split_paths(spec.name, root)
+
+        def load(spec=spec, name=name):
+            json_file, image_dir = ensure_split(spec, root)
+            return load_coco_json(json_file, image_dir, name)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_dir,
+                                      evaluator_type="coco", thing_classes=list(CLASSES))
+
+
+def register_coco_from_config(cfg):
+    """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
+    for entry in cfg.DATASETS.COCO_INSTANCES:
+        if len(entry) != 3:
+            raise ValueError(f"DATASETS.COCO_INSTANCES entry {entry!r} must be "
+                             "[name, json_file, image_root]")
+        name, json_file, image_root = entry
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such file {json_file}")
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, json_file, image_root)
