@@ -10,11 +10,11 @@ Detectron2 needs editing.
 from detectron2.engine import default_argument_parser, launch
 
 import msad  # noqa: F401  (registers the architectures and datasets)
-from msad.engine import Trainer, run
+from msad.engine import run
 
 
 def main(args):
-    return run(args, Trainer)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def add_msad_config(cfg):
 
     # ---- FCOS head and its losses (msad/fcos.py) -----------------------------------------
     _C.MODEL.FCOS = CN()
-    _C.MODEL.FCOS.NUM_CLASSES = 80
+    _C.MODEL.FCOS.NUM_CLASSES = 80  # COCO
     # Levels the head runs on, at full resolution; branches that see a smaller image use the
     # levels aligned with these (msad/alignment.py).
     _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
@@ -43,15 +43,15 @@ def add_msad_config(cfg):
     _C.MODEL.FCOS.NUM_CONVS = 4  # convs in each of the classification and box towers
     _C.MODEL.FCOS.NORM = "GN"  # norm of the tower convs
     _C.MODEL.FCOS.PRIOR_PROB = 0.01  # initial foreground probability of the classifier
-    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
-    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25  # focal loss weight of the positives
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0  # focal loss focusing exponent
     # Locations within RADIUS x stride of a box centre (and inside the box) are positives.
     _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
     # Test: keep locations whose class probability exceeds this (not multiplied by centerness);
     # they are then ranked by sqrt(class probability x centerness).
     _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
     _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # per level, before NMS
-    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # IoU of the per-class NMS
     # (Detections per image after NMS: Detectron2's TEST.DETECTIONS_PER_IMAGE, 100.)
 
     # ---- MSAD multi-scale alignment and teacher (msad/alignment.py, msad/teacher.py) -----
@@ -68,4 +68,21 @@ def add_msad_config(cfg):
     _C.MODEL.MSAD.JOINT_WEIGHT = 0.4
     # Hidden width of the crossing-level fusion's Linear(2C -> hidden) -> ReLU -> Linear(-> 2).
     _C.MODEL.MSAD.FUSION_HIDDEN_DIM = 32
+
+    # ---- MSAD student (msad/student.py, msad/distill.py) ---------------------------------
+    # Distillation loss = KD_ALPHA x T^2 x warm-up x sum over aligned levels of
+    # mean |student / T - teacher fused / T|, with T = KD_TEMPERATURE.
+    _C.MODEL.MSAD.KD_ALPHA = 0.2
+    _C.MODEL.MSAD.KD_TEMPERATURE = 3.0  # T: both feature maps are divided by it
+    # The distillation weight ramps linearly from 0 to 1 over this many iterations.
+    _C.MODEL.MSAD.KD_WARMUP_ITERS = 500
+    _C.MODEL.MSAD.TEACHER = CN()
+    # Config file and checkpoint of the frozen teacher (paths relative to the current directory,
+    # like MODEL.WEIGHTS).  Needed to train; never loaded by --eval-only.
+    _C.MODEL.MSAD.TEACHER.CONFIG_FILE = ""
+    _C.MODEL.MSAD.TEACHER.WEIGHTS = ""  # a checkpoint written by train_net_T.py
+    _C.MODEL.MSAD.STUDENT = CN()
+    # A fresh run (not --resume, not --eval-only) copies the teacher's backbone and head into
+    # the student first, as the official recipe does; MODEL.WEIGHTS, if set, is loaded after.
+    _C.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER = True
     return cfg

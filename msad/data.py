@@ -37,12 +37,14 @@ class SplitSpec:
 
 # Sizes chosen so that the CPU quickstart trains in minutes; see tools/make_synthetic_dataset.py
 # to make a larger copy.
-SPLITS = (SplitSpec("train", 240, 0), SplitSpec("val", 60, 1))
-IMAGE_HEIGHT_RANGE = (200, 300)
-IMAGE_WIDTH_RANGE = (240, 400)
+SPLITS = (SplitSpec("train", 320, 0), SplitSpec("val", 80, 1))
+# At most 256 so that a native-size image pads to one 256x256 tile (msad/alignment.py).
+IMAGE_HEIGHT_RANGE = (192, 256)
+IMAGE_WIDTH_RANGE = (192, 256)
 OBJECT_SIZE_RANGE = (6, 128)  # longest side in pixels, sampled log-uniformly
 OBJECTS_PER_IMAGE = (3, 10)
-MIN_VISIBLE_FRACTION = 0.35  # more hidden than this and the object is not annotated
+MIN_VISIBLE_FRACTION = 0.35
+BACKGROUND_SATURATION = 0.35  # share of the background noise's colour that is kept  # more hidden than this and the object is not annotated
 
 
 def dataset_root():
@@ -60,6 +62,8 @@ def _background(rng, h, w):
     for cells, amp in ((4, 90.0), (16, 40.0), (64, 15.0)):
         coarse = rng.uniform(-1, 1, size=(max(2, h * cells // 256), max(2, w * cells // 256), 3))
         img += amp * cv2.resize(coarse.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    # Backgrounds are far less saturated than the objects, as in most photographs.
+    img = img.mean(axis=2, keepdims=True) * (1 - BACKGROUND_SATURATION) + img * BACKGROUND_SATURATION
     img += rng.uniform(60, 190, size=3).astype(np.float32)
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)

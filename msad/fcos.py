@@ -19,6 +19,7 @@ from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .alignment import aligned_levels, check_alignment, downsample, normalize_and_pad
@@ -73,6 +74,7 @@ class AlignedFCOS(FCOS):
         self.levels: Dict[int, List[str]] = levels
         self.resample = resample
         self.size_divisibility = size_divisibility
+        self._ema_steps: Dict[str, int] = {}
         # One anchor grid for every branch: the full-resolution strides.
         hr_strides = [strides[name] * factors[0] for name in levels[factors[0]]]
         self.anchor_generator = DefaultAnchorGenerator(
@@ -120,6 +122,16 @@ class AlignedFCOS(FCOS):
             predictions, [self.num_classes, 4, 1])
         losses = self.losses(anchors, logits, gt_labels, deltas, gt_boxes, ctrness)
         return {k.replace("loss_fcos", f"loss_{prefix}"): v * weight for k, v in losses.items()}
+
+    def _ema_update(self, name, value, initial_value, momentum=0.9):
+        # Detectron2 normalises losses by an EMA of the positive count, updated at each call of
+        # `losses`.  Branches of one step (HR, LR, fused) see the same targets, so they share
+        # one normaliser: the EMA moves once per training iteration.
+        step = get_event_storage().iter
+        if self._ema_steps.get(name) == step:
+            return getattr(self, name)
+        self._ema_steps[name] = step
+        return super()._ema_update(name, value, initial_value, momentum)
 
     def forward_inference(self, images, features, predictions):
         logits, deltas, ctrness = self._transpose_dense_predictions(

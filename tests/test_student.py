@@ -1,0 +1,169 @@
+"""MSAD student: frozen teacher, distillation loss and warm-up, resume, teacher-free inference."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+import train_net_S
+from conftest import REPO, quickstart_cfg
+from msad.distill import DistillationWarmup, aligned_feature_l1, warmup_factor
+from msad.engine import build_frozen_teacher
+from test_teacher import _inputs
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    """A (randomly initialised) quickstart teacher saved as Detectron2 saves checkpoints."""
+    out = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    model = build_model(quickstart_cfg("teacher"))
+    DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
+    return os.path.join(REPO, "configs", "quickstart", "teacher.yaml"), str(out / "model_final.pth")
+
+
+def student_cfg(teacher_files, tmp_path, *opts):
+    config, weights = teacher_files
+    return quickstart_cfg("student", "MODEL.MSAD.TEACHER.CONFIG_FILE", config,
+                          "MODEL.MSAD.TEACHER.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path),
+                          "DATALOADER.NUM_WORKERS", 0, *opts)
+
+
+def student_with_teacher(cfg):
+    student = build_model(cfg)
+    student.attach_teacher(build_frozen_teacher(cfg))
+    return student
+
+
+def test_distillation_l1_matches_a_hand_computation():
+    s = [torch.tensor([[[[3.0, -3.0], [6.0, 0.0]]]]), torch.tensor([[[[9.0]]]])]
+    t = [torch.zeros(1, 1, 2, 2), torch.tensor([[[[3.0]]]])]
+    # Level 1: mean(|1|, |-1|, |2|, |0|) = 1; level 2: |3 - 1| = 2.
+    assert aligned_feature_l1(s, t, temperature=3.0).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="aligned level 1"):
+        aligned_feature_l1(s, [t[0], torch.zeros(1, 1, 2, 2)], 3.0)
+
+
+def test_student_distillation_loss_is_alpha_t2_warmup_l1(teacher_files, tmp_path):
+    student = student_with_teacher(student_cfg(teacher_files, tmp_path)).train()
+    student.distill_warmup = 0.5
+    batch = _inputs([(200, 240), (256, 192)])
+    with EventStorage(0):
+        losses = student(batch)
+    with torch.no_grad():
+        images = student.preprocess_image(batch)
+        mine = student.branch_features(images.tensor, 2)
+        _, _, fused = student.teacher.multiscale_features(images.tensor)
+    want = 0.2 * 3.0**2 * 0.5 * aligned_feature_l1(mine, fused, 3.0)
+    torch.testing.assert_close(losses["loss_distill"], want)
+    assert {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"} <= set(losses)
+
+
+@pytest.mark.parametrize("iteration,factor", [(0, 0.0), (250, 0.5), (500, 1.0), (1000, 1.0)])
+def test_warmup_factor(iteration, factor):
+    assert warmup_factor(iteration, 500) == factor
+
+
+def test_warmup_hook_reads_the_trainer_iteration_so_it_survives_resume():
+    model = SimpleNamespace(distill_warmup=None)
+    storage = EventStorage(300)
+    hook = DistillationWarmup(500)
+    hook.trainer = SimpleNamespace(iter=300, model=model, storage=storage)  # resumed at 300
+    hook.before_step()
+    assert model.distill_warmup == pytest.approx(0.6)
+
+
+def test_teacher_is_frozen_outside_the_student_and_stays_in_eval(teacher_files, tmp_path):
+    student = student_with_teacher(student_cfg(teacher_files, tmp_path))
+    teacher = student.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in student.state_dict())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert {id(p) for p in student.parameters()}.isdisjoint({id(p) for p in teacher.parameters()})
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    student.train()
+    assert not teacher.training
+    with EventStorage(0):
+        for _ in range(2):
+            loss = sum(student(_inputs([(224, 224)])).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            assert not teacher.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm statistics included
+
+
+def test_student_inference_never_runs_the_teacher(teacher_files, tmp_path):
+    student = student_with_teacher(student_cfg(teacher_files, tmp_path)).eval()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the teacher ran at inference")
+
+    student.teacher.forward = boom
+    student.teacher.multiscale_features = boom
+    student.teacher.preprocess_image = boom
+    with torch.no_grad():
+        out = student(_inputs([(200, 210), (256, 256), (190, 250)], with_boxes=False))
+    assert len(out) == 3
+    # And without any teacher at all, as after --eval-only.
+    with torch.no_grad():
+        assert len(build_model(student_cfg(teacher_files, tmp_path)).eval()(
+            _inputs([(200, 200)], with_boxes=False))) == 1
+
+
+def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
+    cfg = student_cfg(teacher_files, tmp_path)
+    student = build_model(cfg)
+    with pytest.raises(TypeError, match="separate MultiScaleTeacher"):
+        student.attach_teacher(student)
+    wide = build_model(quickstart_cfg("teacher", "MODEL.FPN.OUT_CHANNELS", 32))
+    with pytest.raises(ValueError, match="OUT_CHANNELS"):
+        student.attach_teacher(wide)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("MODEL.MSAD.TEACHER.WEIGHTS", "nowhere/teacher.pth", "nowhere/teacher.pth"),
+    ("MODEL.MSAD.TEACHER.CONFIG_FILE", "nowhere/teacher.yaml", "nowhere/teacher.yaml"),
+    ("MODEL.MSAD.TEACHER.CONFIG_FILE", "", "CONFIG_FILE is empty"),
+])
+def test_missing_teacher_files_are_named(teacher_files, tmp_path, key, value, message):
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        build_frozen_teacher(student_cfg(teacher_files, tmp_path, key, value))
+
+
+def test_teacher_checkpoint_of_another_width_is_refused(teacher_files, tmp_path):
+    cfg = student_cfg(teacher_files, tmp_path)
+    wide = build_model(quickstart_cfg("teacher", "MODEL.SLIMMABLE.WIDTH", 0.5))
+    DetectionCheckpointer(wide, save_dir=str(tmp_path)).save("wide")
+    cfg.MODEL.MSAD.TEACHER.WEIGHTS = str(tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"does not fit.*of another shape"):
+        build_frozen_teacher(cfg)
+
+
+def _trainer(cfg):
+    cfg.freeze()
+    return train_net_S.StudentTrainer(cfg)
+
+
+def test_fresh_run_starts_from_the_teacher_and_resume_from_the_student(teacher_files, tmp_path):
+    cfg = student_cfg(teacher_files, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1)
+    trainer = _trainer(cfg.clone())
+    trainer.resume_or_load(resume=False)
+    teacher_sd = trainer.teacher.state_dict()
+    student_sd = trainer.model.state_dict()
+    assert torch.equal(student_sd["head.cls_score.weight"], teacher_sd["head.cls_score.weight"])
+    trainer.train()
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
+    assert saved.keys() == trainer.model.state_dict().keys()  # no teacher inside
+
+    resumed = _trainer(cfg.clone())
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert not torch.equal(resumed.model.state_dict()["head.cls_score.weight"],
+                           resumed.teacher.state_dict()["head.cls_score.weight"])

@@ -1,0 +1,155 @@
+"""FCOS, HR/LR alignment and the multi-scale teacher."""
+import copy
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from conftest import quickstart_cfg
+from msad.alignment import aligned_levels, downsample, level_shift
+from msad.teacher import CrossLevelFusion
+
+
+def _inputs(sizes, seed=0, with_boxes=True):
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for h, w in sizes:
+        d = {"image": torch.randint(0, 256, (3, h, w), generator=g).float(), "height": h,
+             "width": w}
+        if with_boxes:
+            inst = Instances((h, w))
+            inst.gt_boxes = Boxes(torch.tensor([[2.0, 3.0, w / 2, h / 2], [w / 3, h / 4, w - 1, h - 2]]))
+            inst.gt_classes = torch.tensor([0, 3])
+            d["instances"] = inst
+        batch.append(d)
+    return batch
+
+
+@pytest.fixture
+def teacher(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_level_pairing_is_one_shift_per_factor():
+    hr = ["p3", "p4", "p5", "p6", "p7"]
+    assert aligned_levels(hr, 1) == hr
+    assert aligned_levels(hr, 2) == ["p2", "p3", "p4", "p5", "p6"]
+    assert aligned_levels(hr, 4) == ["p1", "p2", "p3", "p4", "p5"]
+    assert level_shift(4) == 2
+    with pytest.raises(ValueError, match="power of two"):
+        level_shift(3)
+    with pytest.raises(ValueError, match="missing"):
+        aligned_levels(hr, 4, available={"p2", "p3", "p4", "p5", "p6", "p7"})
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 768), (768, 256)])
+def test_lr_level_l_matches_hr_level_l_plus_1(teacher, size):
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        hr = teacher.backbone(x)
+        lr = teacher.backbone(downsample(x, 2))
+    for level in range(2, 7):
+        assert hr[f"p{level + 1}"].shape[-2:] == lr[f"p{level}"].shape[-2:], level
+
+
+def test_fusion_weights_sum_to_one_per_image():
+    fusion = CrossLevelFusion(channels=8, hidden_dim=4)
+    hr, lr = torch.randn(3, 8, 5, 6), torch.randn(3, 8, 5, 6)
+    w = fusion.weights(hr, lr)
+    assert w.shape == (3, 2)
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(3))
+    assert not torch.allclose(w[0], w[1])  # per image, not per batch
+    out = fusion(hr, lr)
+    torch.testing.assert_close(out[1], w[1, 0] * hr[1] + w[1, 1] * lr[1])
+
+
+@pytest.mark.parametrize("arch", ["teacher", "hr", "lr"])
+def test_every_image_of_a_batch_is_predicted_in_its_own_size(arch):
+    cfg = _arch_cfg(arch)
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.0  # untrained: keep whatever scores there are
+    model = build_model(cfg).eval()
+    # Untrained regressions are ~0 (empty boxes that postprocessing drops): make them one
+    # stride to each side.
+    torch.nn.init.constant_(model.head.bbox_pred.bias, 1.0)
+    sizes = [(201, 333), (256, 256), (97, 410)]
+    batch = _inputs(sizes, with_boxes=False)
+    batch[1]["height"], batch[1]["width"] = 512, 512  # asked for at another size
+    with torch.no_grad():
+        out = model(batch)
+    assert len(out) == 3
+    for o, (h, w), d in zip(out, sizes, batch):
+        inst = o["instances"]
+        assert inst.image_size == (d["height"], d["width"])
+        assert len(inst) > 0
+        boxes = inst.pred_boxes.tensor
+        assert boxes[:, 2].max() <= d["width"] and boxes[:, 3].max() <= d["height"]
+
+
+def _arch_cfg(arch):
+    if arch == "teacher":
+        return quickstart_cfg("teacher")
+    opts = ["MODEL.META_ARCHITECTURE", "SingleScaleFCOS"]
+    if arch == "hr":
+        opts += ["MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]]
+    else:
+        opts += ["MODEL.FCOS.INPUT_RESOLUTION", "LR", "MODEL.FPN.NUM_TOP_LEVELS", 1]
+    return quickstart_cfg("teacher", *opts)
+
+
+@pytest.mark.parametrize("arch", ["teacher", "hr", "lr"])
+def test_no_parameter_is_unused_in_a_training_step(arch):
+    model = build_model(_arch_cfg(arch)).train()
+    with EventStorage(0):
+        losses = model(_inputs([(200, 300), (256, 180)]))
+    sum(losses.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
+def test_teacher_reports_each_branch_loss_and_weights_the_fused_one(teacher):
+    with EventStorage(0):
+        losses = teacher(_inputs([(200, 300)]))
+    assert set(losses) == {f"loss_{b}_{k}" for b in ("hr", "lr", "fused")
+                           for k in ("cls", "loc", "ctr")}
+    teacher.joint_weight = 1.0
+    with EventStorage(0):
+        unweighted = teacher(_inputs([(200, 300)]))
+    torch.testing.assert_close(losses["loss_fused_cls"], 0.4 * unweighted["loss_fused_cls"])
+
+
+def test_backbone_levels_that_no_branch_uses_are_refused():
+    cfg = quickstart_cfg("teacher", "MODEL.META_ARCHITECTURE", "SingleScaleFCOS")  # FPN has P2
+    with pytest.raises(ValueError, match=r"\['p2'\].*find_unused_parameters"):
+        build_model(cfg)
+
+
+def test_loss_falls_when_overfitting_two_images(teacher):
+    batch = _inputs([(224, 288), (256, 256)], seed=1)
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.01, momentum=0.9)
+    history = []
+    with EventStorage(0) as storage:
+        # Start Detectron2's EMA loss normaliser at this batch's positive count, so that the
+        # loss values measure the fit rather than the normaliser settling.
+        teacher(copy.deepcopy(batch))
+        teacher.loss_normalizer = storage.history("num_pos_anchors").latest() * len(batch)
+        storage.step()
+        for _ in range(25):
+            loss = sum(teacher(copy.deepcopy(batch)).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+            storage.step()
+    assert sum(history[-3:]) / 3 < 0.6 * sum(history[:3]) / 3, history
+
+
+def test_syncbn_zoo_config_trains_a_step_in_one_process():
+    cfg = quickstart_cfg("teacher", "MODEL.RESNETS.NORM", "SyncBN")
+    model = build_model(cfg).train()
+    with EventStorage(0):
+        losses = model(_inputs([(128, 160), (160, 128)]))
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -1,0 +1,60 @@
+"""train_net_T.py end to end: command-line errors, and the quickstart teacher."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+QUICKSTART_TEACHER = os.path.join(REPO, "configs", "quickstart", "teacher.yaml")
+
+
+def train_net(*args, timeout=1500):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train_net_T.py"), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def final_ap(log):
+    """The numbers of the last 'copypaste:' line that Detectron2 prints after evaluating."""
+    rows = re.findall(r"copypaste: ([-0-9.,na]+)$", log, flags=re.M)
+    assert rows, log[-3000:]
+    return rows[-1]
+
+
+def test_missing_config_file_is_named():
+    proc = train_net("--config-file", "configs/nope.yaml")
+    assert proc.returncode != 0 and "configs/nope.yaml" in proc.stderr
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = train_net("--config-file", QUICKSTART_TEACHER, "MODEL.MSAD.NO_SUCH_KEY", 1,
+                     "OUTPUT_DIR", tmp_path)
+    assert proc.returncode != 0 and "MODEL.MSAD.NO_SUCH_KEY" in proc.stderr
+
+
+def test_eval_only_without_weights_is_refused(tmp_path):
+    proc = train_net("--config-file", QUICKSTART_TEACHER, "--eval-only", "OUTPUT_DIR", tmp_path)
+    assert proc.returncode != 0 and "MODEL.WEIGHTS" in proc.stderr
+
+
+def test_resume_without_a_checkpoint_is_refused_and_writes_nothing(tmp_path):
+    proc = train_net("--config-file", QUICKSTART_TEACHER, "--resume", "OUTPUT_DIR", tmp_path / "x")
+    assert proc.returncode != 0 and "--resume: no checkpoint" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_teacher_trains_and_eval_only_reproduces_its_ap(tmp_path):
+    out = tmp_path / "teacher"
+    trained = train_net("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", out)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ap_after_training = final_ap(trained.stderr)
+    assert float(ap_after_training.split(",")[0]) > 1.0  # AP in percent: clearly learned
+    assert (out / "model_final.pth").exists()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    evaluated = train_net("--config-file", QUICKSTART_TEACHER, "--eval-only",
+                          "MODEL.WEIGHTS", out / "model_final.pth", "OUTPUT_DIR", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert final_ap(evaluated.stderr) == ap_after_training

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""The main job: MSAD end to end on the bundled synthetic data, on the CPU.
+
+Trains the HR single-scale FCOS, the multi-scale teacher, the LR FCOS without distillation and
+the student distilled from that teacher (configs/quickstart/), evaluates each on the val split,
+times inference, and prints one table.  Writes into --output (default output/quickstart/):
+summary.json (the table), detections.png (one val image with each model's detections) and each
+model's own Detectron2 output directory.
+
+    python tools/quickstart.py [--output DIR] [--device cpu] [CONFIG OVERRIDES applied to all]
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+import msad  # noqa: E402,F401
+from msad.engine import load_config  # noqa: E402
+
+# (name, shown as, training script, config); the student needs the teacher before it.
+STAGES = (
+    ("hr_baseline", "HR FCOS", "train_net_T.py", "configs/quickstart/hr_baseline.yaml"),
+    ("teacher", "MSAD teacher", "train_net_T.py", "configs/quickstart/teacher.yaml"),
+    ("lr_baseline", "LR FCOS, no distillation", "train_net_T.py",
+     "configs/quickstart/lr_baseline.yaml"),
+    ("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml"),
+)
+ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
+
+
+def fmt(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def stage_opts(name, output, overrides):
+    opts = ["OUTPUT_DIR", os.path.join(output, name)] + overrides
+    if name == "student":
+        opts += ["MODEL.MSAD.TEACHER.WEIGHTS", os.path.join(output, "teacher", "model_final.pth")]
+    return opts
+
+
+def train(index, name, script, config, opts, log_path, progress):
+    """Run one training script, echoing a progress line per Detectron2 log line with an ETA."""
+    cfg = load_config(os.path.join(REPO, config), opts)
+    max_iter = cfg.SOLVER.MAX_ITER
+    cmd = [sys.executable, os.path.join(REPO, script), "--config-file", config, *opts]
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:
+            log.write(line)
+            match = ETA_LINE.search(line)
+            if match:
+                days, h, m, s, it = (int(g or 0) for g in match.groups())
+                progress(index, name, int(it) + 1, max_iter, days * 86400 + h * 3600 + m * 60 + s,
+                         time.time() - start)
+        if proc.wait() != 0:
+            raise SystemExit(f"quickstart: {name} failed (exit {proc.returncode}); see {log_path}")
+    return time.time() - start, max_iter
+
+
+def final_metrics(output_dir):
+    """The last COCO bbox metrics Detectron2's EvalHook wrote into metrics.json."""
+    found = None
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "bbox/AP" in row:
+                found = row
+    if found is None:
+        raise SystemExit(f"quickstart: no bbox metrics in {output_dir}/metrics.json")
+    # COCOeval gives NaN for a size class absent from the split; JSON has no NaN.
+    return {k.split("/")[1]: None if found[k] != found[k] else found[k]
+            for k in ("bbox/AP", "bbox/APs", "bbox/APm", "bbox/APl")}
+
+
+def load_model(config, opts, weights):
+    cfg = load_config(os.path.join(REPO, config), opts)
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    return cfg, model
+
+
+def model_input(cfg, dataset_dict):
+    image = read_image(dataset_dict["file_name"], format=cfg.INPUT.FORMAT)
+    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
+    return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+
+
+def backbone_inputs(model, sample):
+    """The sizes the backbone sees: (H, W) for each branch of the model."""
+    with torch.no_grad():
+        padded = model.preprocess_image([sample]).tensor
+    return ["x".join(str(s // f) for s in padded.shape[-2:]) for f in sorted(model.levels)]
+
+
+def time_inference(model, samples):
+    """Median milliseconds per image, batch 1, after two warm-up images."""
+    times = []
+    with torch.no_grad():
+        for i, sample in enumerate(samples):
+            start = time.perf_counter()
+            model([sample])
+            if i >= 2:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def draw(model, sample, image_rgb, metadata, title, score_thresh=0.3):
+    with torch.no_grad():
+        instances = model([sample])[0]["instances"]
+    instances = instances[instances.scores > score_thresh]
+    canvas = Visualizer(image_rgb, metadata, scale=2.0).draw_instance_predictions(instances)
+    panel = canvas.get_image()
+    bar = np.full((28, panel.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([bar, panel])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="output/quickstart")
+    parser.add_argument("--timing-images", type=int, default=22)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="config overrides for every stage, e.g. SOLVER.MAX_ITER 300")
+    args = parser.parse_args()
+    os.makedirs(args.output, exist_ok=True)
+    total_iters = sum(load_config(os.path.join(REPO, c), args.overrides).SOLVER.MAX_ITER
+                      for *_, c in STAGES)
+    done = {"iters": 0, "seconds": 0.0}
+    job_start = time.time()
+
+    def progress(index, name, it, max_iter, stage_eta, stage_elapsed):
+        # Remaining stages are estimated at the mean seconds per iteration seen so far.
+        seen = (done["seconds"] + stage_elapsed) / max(1, done["iters"] + it)
+        rest = (total_iters - done["iters"] - max_iter) * seen
+        print(f"[{index}/{len(STAGES)} {name}] iter {it}/{max_iter}  stage ETA {fmt(stage_eta)}"
+              f"  total ETA ~{fmt(stage_eta + rest)}  elapsed {fmt(time.time() - job_start)}",
+              flush=True)
+
+    for index, (name, label, script, config) in enumerate(STAGES, 1):
+        print(f"[{index}/{len(STAGES)} {name}] training {label} ({config})", flush=True)
+        seconds, iters = train(index, name, script, config,
+                               stage_opts(name, args.output, args.overrides),
+                               os.path.join(args.output, f"{name}.log"), progress)
+        done["iters"] += iters
+        done["seconds"] += seconds
+
+    print("Timing inference and drawing detections ...", flush=True)
+    val = DatasetCatalog.get("msad_synth_val")
+    metadata = MetadataCatalog.get("msad_synth_val")
+    rows, panels = [], []
+    for name, label, _, config in STAGES:
+        out_dir = os.path.join(args.output, name)
+        cfg, model = load_model(config, stage_opts(name, args.output, args.overrides),
+                                os.path.join(out_dir, "model_final.pth"))
+        samples = [model_input(cfg, d) for d in val[: args.timing_images]]
+        rows.append({"model": label, "name": name, **final_metrics(out_dir),
+                     "backbone_input": " + ".join(backbone_inputs(model, samples[0])),
+                     "ms_per_image": time_inference(model, samples)})
+        image_rgb = read_image(val[0]["file_name"], format="RGB")
+        panels.append(draw(model, samples[0], image_rgb, metadata, label))
+
+    header = f"{'model':<26}{'AP':>7}{'AP_S':>7}{'AP_M':>7}{'AP_L':>7}  {'backbone input':<17}{'ms/img':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        aps = "".join("    n/a" if r[k] is None else f"{r[k]:7.2f}" for k in ("AP", "APs", "APm", "APl"))
+        lines.append(f"{r['model']:<26}{aps}  {r['backbone_input']:<17}{r['ms_per_image']:7.1f}")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump({"rows": rows, "device": cfg.MODEL.DEVICE, "torch_threads": torch.get_num_threads(),
+                   "val_images": len(val), "timing_images": args.timing_images - 2}, f, indent=2)
+    picture = os.path.join(args.output, "detections.png")
+    cv2.imwrite(picture, cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR))
+    print(f"Wrote {args.output}/summary.json and {picture} in {fmt(time.time() - job_start)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Train or evaluate the MSAD low-resolution student, distilled from a frozen teacher.
+
+    python train_net_S.py --config-file configs/MSAD/SLR100-50-S.yaml --num-gpus 8
+    python train_net_S.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+
+The teacher (MODEL.MSAD.TEACHER.CONFIG_FILE / WEIGHTS) is loaded only to train: it is frozen, in
+eval mode, outside the student's checkpoint, optimizer and DDP wrapper.  --eval-only runs the
+student alone and needs no teacher.
+"""
+from detectron2.engine import default_argument_parser, launch
+
+import msad  # noqa: F401  (registers the architectures and datasets)
+from msad.distill import DistillationWarmup, unwrap
+from msad.engine import Trainer, build_frozen_teacher, run
+
+
+class StudentTrainer(Trainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.teacher = build_frozen_teacher(cfg)
+        unwrap(self.model).attach_teacher(self.teacher)
+
+    def build_hooks(self):
+        return super().build_hooks() + [DistillationWarmup(self.cfg.MODEL.MSAD.KD_WARMUP_ITERS)]
+
+    def resume_or_load(self, resume=True):
+        # Only a fresh run starts from the teacher; --resume continues the student's own weights.
+        if not resume and self.cfg.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER:
+            unwrap(self.model).init_from_teacher()
+        super().resume_or_load(resume)
+
+
+def main(args):
+    return run(args, StudentTrainer)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
