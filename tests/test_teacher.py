@@ -136,14 +136,14 @@ def test_loss_falls_when_overfitting_two_images(teacher):
         teacher(copy.deepcopy(batch))
         teacher.loss_normalizer = storage.history("num_pos_anchors").latest() * len(batch)
         storage.step()
-        for _ in range(25):
+        for _ in range(40):
             loss = sum(teacher(copy.deepcopy(batch)).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
             history.append(loss.item())
             storage.step()
-    assert sum(history[-3:]) / 3 < 0.6 * sum(history[:3]) / 3, history
+    assert sum(history[-5:]) / 5 < 0.7 * sum(history[:3]) / 3, history
 
 
 def test_syncbn_zoo_config_trains_a_step_in_one_process():

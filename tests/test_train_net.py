@@ -11,8 +11,8 @@ from conftest import REPO
 QUICKSTART_TEACHER = os.path.join(REPO, "configs", "quickstart", "teacher.yaml")
 
 
-def train_net(*args, timeout=1500):
-    return subprocess.run([sys.executable, os.path.join(REPO, "train_net_T.py"), *map(str, args)],
+def train_net(*args, script="train_net_T.py", timeout=1500):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,11 +50,11 @@ def test_quickstart_teacher_trains_and_eval_only_reproduces_its_ap(tmp_path):
     out = tmp_path / "teacher"
     trained = train_net("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", out)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    ap_after_training = final_ap(trained.stderr)
+    ap_after_training = final_ap(trained.stdout)
     assert float(ap_after_training.split(",")[0]) > 1.0  # AP in percent: clearly learned
     assert (out / "model_final.pth").exists()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     evaluated = train_net("--config-file", QUICKSTART_TEACHER, "--eval-only",
                           "MODEL.WEIGHTS", out / "model_final.pth", "OUTPUT_DIR", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert final_ap(evaluated.stderr) == ap_after_training
+    assert final_ap(evaluated.stdout) == ap_after_training

@@ -4,7 +4,8 @@
 Trains the HR single-scale FCOS, the multi-scale teacher, the LR FCOS without distillation and
 the student distilled from that teacher (configs/quickstart/), evaluates each on the val split,
 times inference, and prints one table.  Writes into --output (default output/quickstart/):
-summary.json (the table), detections.png (one val image with each model's detections) and each
+summary.json (the table), detections.png (one val image: its ground truth, then each model's
+best detections) and each
 model's own Detectron2 output directory.
 
     python tools/quickstart.py [--output DIR] [--device cpu] [CONFIG OVERRIDES applied to all]
@@ -18,9 +19,14 @@ import subprocess
 import sys
 import time
 
+import warnings
+
 import cv2
 import numpy as np
 import torch
+
+# fvcore's focal loss is scripted at import, which this torch flags as deprecated.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -29,6 +35,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
@@ -64,8 +71,9 @@ def train(index, name, script, config, opts, log_path, progress):
     cmd = [sys.executable, os.path.join(REPO, script), "--config-file", config, *opts]
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.PIPE, text=True)
-        for line in proc.stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
             log.write(line)
             match = ETA_LINE.search(line)
             if match:
@@ -124,21 +132,33 @@ def time_inference(model, samples):
     return statistics.median(times)
 
 
-def draw(model, sample, image_rgb, metadata, title, score_thresh=0.3):
-    with torch.no_grad():
-        instances = model([sample])[0]["instances"]
-    instances = instances[instances.scores > score_thresh]
-    canvas = Visualizer(image_rgb, metadata, scale=2.0).draw_instance_predictions(instances)
-    panel = canvas.get_image()
-    bar = np.full((28, panel.shape[1], 3), 255, np.uint8)
+def panel(image_rgb, metadata, title, instances=None, boxes=None, labels=None):
+    """One titled picture of the image with either predictions or ground-truth boxes."""
+    canvas = Visualizer(image_rgb, metadata, scale=2.0)
+    if instances is not None:
+        canvas = canvas.draw_instance_predictions(instances)
+    else:
+        canvas = canvas.overlay_instances(boxes=boxes, labels=labels)
+    picture = canvas.get_image()
+    bar = np.full((28, picture.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([bar, panel])
+    return np.vstack([bar, picture])
+
+
+def top_detections(model, sample, keep, score_thresh=0.3):
+    """The `keep` best detections above `score_thresh`, so that the picture stays readable."""
+    with torch.no_grad():
+        instances = model([sample])[0]["instances"].to("cpu")
+    instances = instances[instances.scores > score_thresh]
+    return instances[instances.scores.argsort(descending=True)[:keep]]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/quickstart")
     parser.add_argument("--timing-images", type=int, default=22)
+    parser.add_argument("--reuse-trained", action="store_true",
+                        help="skip training a model whose model_final.pth is already in --output")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides for every stage, e.g. SOLVER.MAX_ITER 300")
     args = parser.parse_args()
@@ -157,6 +177,10 @@ def main():
               flush=True)
 
     for index, (name, label, script, config) in enumerate(STAGES, 1):
+        if args.reuse_trained and os.path.isfile(os.path.join(args.output, name, "model_final.pth")):
+            print(f"[{index}/{len(STAGES)} {name}] reusing {args.output}/{name}", flush=True)
+            total_iters -= load_config(os.path.join(REPO, config), args.overrides).SOLVER.MAX_ITER
+            continue
         print(f"[{index}/{len(STAGES)} {name}] training {label} ({config})", flush=True)
         seconds, iters = train(index, name, script, config,
                                stage_opts(name, args.output, args.overrides),
@@ -167,7 +191,12 @@ def main():
     print("Timing inference and drawing detections ...", flush=True)
     val = DatasetCatalog.get("msad_synth_val")
     metadata = MetadataCatalog.get("msad_synth_val")
-    rows, panels = [], []
+    image_rgb = read_image(val[0]["file_name"], format="RGB")
+    gt = val[0]["annotations"]
+    panels = [panel(image_rgb, metadata, "ground truth",
+                    boxes=[BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in gt],
+                    labels=[metadata.thing_classes[a["category_id"]] for a in gt])]
+    rows = []
     for name, label, _, config in STAGES:
         out_dir = os.path.join(args.output, name)
         cfg, model = load_model(config, stage_opts(name, args.output, args.overrides),
@@ -176,8 +205,8 @@ def main():
         rows.append({"model": label, "name": name, **final_metrics(out_dir),
                      "backbone_input": " + ".join(backbone_inputs(model, samples[0])),
                      "ms_per_image": time_inference(model, samples)})
-        image_rgb = read_image(val[0]["file_name"], format="RGB")
-        panels.append(draw(model, samples[0], image_rgb, metadata, label))
+        panels.append(panel(image_rgb, metadata, label,
+                            instances=top_detections(model, samples[0], keep=len(gt) + 3)))
 
     header = f"{'model':<26}{'AP':>7}{'AP_S':>7}{'AP_M':>7}{'AP_L':>7}  {'backbone input':<17}{'ms/img':>7}"
     lines = [header, "-" * len(header)]
