@@ -11,22 +11,27 @@ student alone and needs no teacher.
 from detectron2.engine import default_argument_parser, launch
 
 import msad  # noqa: F401  (registers the architectures and datasets)
-from msad.distill import DistillationWarmup, unwrap
+from msad.distill import unwrap
 from msad.engine import Trainer, build_frozen_teacher, run
 
 
 class StudentTrainer(Trainer):
+    """Attaches the frozen teacher (MODEL.MSAD.TEACHER) and the student's schedule hooks."""
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.teacher = build_frozen_teacher(cfg)
-        unwrap(self.model).attach_teacher(self.teacher)
+        student = unwrap(self.model)
+        self.teacher = None
+        if cfg.MODEL.MSAD.TEACHER.CONFIG_FILE or student.requires_teacher:
+            self.teacher = build_frozen_teacher(cfg)
+            student.attach_teacher(self.teacher)
 
     def build_hooks(self):
-        return super().build_hooks() + [DistillationWarmup(self.cfg.MODEL.MSAD.KD_WARMUP_ITERS)]
+        return super().build_hooks() + unwrap(self.model).training_hooks()
 
     def resume_or_load(self, resume=True):
         # Only a fresh run starts from the teacher; --resume continues the student's own weights.
-        if not resume and self.cfg.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER:
+        if not resume and self.teacher is not None and self.cfg.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER:
             unwrap(self.model).init_from_teacher()
         super().resume_or_load(resume)
 

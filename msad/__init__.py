@@ -2,7 +2,7 @@
 
 Importing this package registers its backbones, meta-architectures and bundled datasets.
 """
-from . import backbone, fcos, student, teacher  # noqa: F401  (registration by import)
+from . import backbone, fcos, student, teacher, thumbdet  # noqa: F401  (registration by import)
 from .config import add_msad_config
 from .data import register_synthetic
 

@@ -85,4 +85,30 @@ def add_msad_config(cfg):
     # A fresh run (not --resume, not --eval-only) copies the teacher's backbone and head into
     # the student first, as the official recipe does; MODEL.WEIGHTS, if set, is loaded after.
     _C.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER = True
+
+    # ---- ThumbDet (msad/thumbdet.py; its teacher is MODEL.MSAD.TEACHER) --------------------
+    _C.MODEL.THUMBDET = CN()
+    _C.MODEL.THUMBDET.FACTOR = 4  # the thumbnail is 1/FACTOR of the image: 2 or 4
+    # "learned" (LearnedDownsampler) or "bicubic" (fixed antialiased resize: the baseline).
+    _C.MODEL.THUMBDET.DOWNSAMPLER = "learned"
+    _C.MODEL.THUMBDET.HIDDEN_CHANNELS = 12  # channels between the down-sampler's two convs
+    # The thumbnail's own FPN levels the head runs on; their strides are multiplied by FACTOR.
+    # P2-P6 sit on the full image's P3-P7 grid at 2x and P4-P8 at 4x.
+    _C.MODEL.THUMBDET.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Image-statistics loss: STATS_WEIGHT x (MSE of per-channel means + STATS_VAR_WEIGHT x MSE
+    # of per-channel variances) between the [0, 1] image and its thumbnail.
+    _C.MODEL.THUMBDET.STATS_WEIGHT = 1.0
+    _C.MODEL.THUMBDET.STATS_VAR_WEIGHT = 0.1  # the variances' share of that loss
+    # The first WARMUP_ITERS iterations train the statistics loss alone (official: 5 of 110
+    # epochs; 5 COCO epochs at batch 16 are about 36,650 iterations).
+    _C.MODEL.THUMBDET.WARMUP_ITERS = 36650
+    # Logit KD: per-class sigmoid KL at aligned locations, temperature T, x T^2 when
+    # KD_T_SQUARED (the official code omits T^2: set False to reproduce it).
+    _C.MODEL.THUMBDET.KD_WEIGHT = 1.0
+    _C.MODEL.THUMBDET.KD_TEMPERATURE = 1.0  # T (official: 1)
+    _C.MODEL.THUMBDET.KD_T_SQUARED = True  # multiply the KD loss by T^2
+    # Feature mimicry: MSE between student and teacher FPN features.  "aligned": at spatially
+    # aligned levels; "resize" (official): level by level, student resized bilinearly.
+    _C.MODEL.THUMBDET.MIMIC_WEIGHT = 1.0
+    _C.MODEL.THUMBDET.MIMIC_MODE = "aligned"  # or "resize", the official variant
     return cfg

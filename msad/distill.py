@@ -29,16 +29,18 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-class DistillationWarmup(HookBase):
-    """Sets the model's ``distill_warmup`` from the trainer's iteration before every step.
+class IterationSchedule(HookBase):
+    """Sets ``model.<attribute> = schedule(trainer.iter)`` before every step, and logs it.
 
-    Reading the trainer's iteration (not counting calls) makes the ramp resume where it was.
+    Reading the trainer's iteration (not counting calls) makes a resumed run continue the
+    schedule where it stopped: the distillation warm-up ramp, ThumbDet's training phase.
     """
 
-    def __init__(self, warmup_iters):
-        self.warmup_iters = warmup_iters
+    def __init__(self, attribute, schedule):
+        self.attribute = attribute
+        self.schedule = schedule
 
     def before_step(self):
-        factor = warmup_factor(self.trainer.iter, self.warmup_iters)
-        unwrap(self.trainer.model).distill_warmup = factor
-        self.trainer.storage.put_scalar("distill_warmup", factor, smoothing_hint=False)
+        value = self.schedule(self.trainer.iter)
+        setattr(unwrap(self.trainer.model), self.attribute, value)
+        self.trainer.storage.put_scalar(self.attribute, value, smoothing_hint=False)

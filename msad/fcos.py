@@ -184,6 +184,10 @@ class SingleScaleFCOS(AlignedFCOS):
         levels = aligned_levels(cfg.MODEL.FCOS.IN_FEATURES, factor, backbone.output_shape())
         return dict(input_factor=factor, **cls.fcos_kwargs_from_config(cfg, backbone, levels))
 
+    def distillation_features(self, padded):
+        """What this detector teaches with: its levels (aligned with in_features)."""
+        return self.branch_features(padded, self.input_factor)
+
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         features = self.branch_features(images.tensor, self.input_factor)

@@ -66,6 +66,10 @@ class MultiScaleTeacher(AlignedFCOS):
         fused = [fuse(h, l) for fuse, h, l in zip(self.fusion, hr, lr)]
         return hr, lr, fused
 
+    def distillation_features(self, padded):
+        """What the teacher teaches with: the fused levels."""
+        return self.multiscale_features(padded)[2]
+
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         hr, lr, fused = self.multiscale_features(images.tensor)

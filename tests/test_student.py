@@ -1,5 +1,6 @@
 """MSAD student: frozen teacher, distillation loss and warm-up, resume, teacher-free inference."""
 import os
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from detectron2.utils.events import EventStorage
 
 import train_net_S
 from conftest import REPO, quickstart_cfg
-from msad.distill import DistillationWarmup, aligned_feature_l1, warmup_factor
+from msad.distill import IterationSchedule, aligned_feature_l1, warmup_factor
 from msad.engine import build_frozen_teacher
 from test_teacher import _inputs
 
@@ -70,7 +71,7 @@ def test_warmup_factor(iteration, factor):
 def test_warmup_hook_reads_the_trainer_iteration_so_it_survives_resume():
     model = SimpleNamespace(distill_warmup=None)
     storage = EventStorage(300)
-    hook = DistillationWarmup(500)
+    hook = IterationSchedule("distill_warmup", partial(warmup_factor, warmup_iters=500))
     hook.trainer = SimpleNamespace(iter=300, model=model, storage=storage)  # resumed at 300
     hook.before_step()
     assert model.distill_warmup == pytest.approx(0.6)
@@ -118,11 +119,15 @@ def test_student_inference_never_runs_the_teacher(teacher_files, tmp_path):
 def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
     cfg = student_cfg(teacher_files, tmp_path)
     student = build_model(cfg)
-    with pytest.raises(TypeError, match="separate MultiScaleTeacher"):
+    with pytest.raises(TypeError, match="separate msad detector"):
         student.attach_teacher(student)
     wide = build_model(quickstart_cfg("teacher", "MODEL.FPN.OUT_CHANNELS", 32))
     with pytest.raises(ValueError, match="OUT_CHANNELS"):
         student.attach_teacher(wide)
+    shifted = build_model(quickstart_cfg("teacher", "MODEL.FCOS.IN_FEATURES",
+                                         ["p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1))
+    with pytest.raises(ValueError, match="cannot be aligned"):
+        student.attach_teacher(shifted)
 
 
 @pytest.mark.parametrize("key,value,message", [

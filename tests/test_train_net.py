@@ -39,6 +39,15 @@ def test_eval_only_without_weights_is_refused(tmp_path):
     assert proc.returncode != 0 and "MODEL.WEIGHTS" in proc.stderr
 
 
+def test_an_empty_training_set_is_named(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}')
+    proc = train_net("--config-file", QUICKSTART_TEACHER, "DATASETS.COCO_INSTANCES",
+                     f"[['nothing', '{empty}', '{tmp_path}']]", "DATASETS.TRAIN", "('nothing',)",
+                     "OUTPUT_DIR", tmp_path / "out")
+    assert proc.returncode != 0 and "Dataset 'nothing' is empty" in proc.stderr
+
+
 def test_resume_without_a_checkpoint_is_refused_and_writes_nothing(tmp_path):
     proc = train_net("--config-file", QUICKSTART_TEACHER, "--resume", "OUTPUT_DIR", tmp_path / "x")
     assert proc.returncode != 0 and "--resume: no checkpoint" in proc.stderr

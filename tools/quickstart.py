@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """The main job: MSAD end to end on the bundled synthetic data, on the CPU.
 
-Trains the HR single-scale FCOS, the multi-scale teacher, the LR FCOS without distillation and
-the student distilled from that teacher (configs/quickstart/), evaluates each on the val split,
-times inference, and prints one table.  Writes into --output (default output/quickstart/):
+Trains the HR single-scale FCOS, the multi-scale teacher, the LR FCOS without distillation, the
+student distilled from that teacher, and the 4x-thumbnail detectors (bicubic, and ThumbDet's
+learned down-sampler distilled from the HR FCOS) (configs/quickstart/), evaluates each on the
+val split, times inference, and prints one table.  Writes into --output (default output/quickstart/):
 summary.json (the table), detections.png (one val image: its ground truth, then each model's
-best detections) and each
+best detections), thumbnails_<id>.png (source, bicubic and learned 4x thumbnails) and each
 model's own Detectron2 output directory.
 
     python tools/quickstart.py [--output DIR] [--device cpu] [CONFIG OVERRIDES applied to all]
@@ -40,14 +41,21 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
 from msad.engine import load_config  # noqa: E402
+from thumbnails import write_comparisons  # noqa: E402  (tools/, beside this script)
 
-# (name, shown as, training script, config); the student needs the teacher before it.
+# (name, shown as, training script, config, {config key: stage whose model_final.pth it takes});
+# a stage comes after the stages it takes weights from.
 STAGES = (
-    ("hr_baseline", "HR FCOS", "train_net_T.py", "configs/quickstart/hr_baseline.yaml"),
-    ("teacher", "MSAD teacher", "train_net_T.py", "configs/quickstart/teacher.yaml"),
+    ("hr_baseline", "HR FCOS", "train_net_T.py", "configs/quickstart/hr_baseline.yaml", {}),
+    ("teacher", "MSAD teacher", "train_net_T.py", "configs/quickstart/teacher.yaml", {}),
     ("lr_baseline", "LR FCOS, no distillation", "train_net_T.py",
-     "configs/quickstart/lr_baseline.yaml"),
-    ("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml"),
+     "configs/quickstart/lr_baseline.yaml", {}),
+    ("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml",
+     {"MODEL.MSAD.TEACHER.WEIGHTS": "teacher"}),
+    ("bicubic_4x", "bicubic 4x thumbnail FCOS", "train_net_S.py",
+     "configs/quickstart/bicubic_4x.yaml", {"MODEL.WEIGHTS": "hr_baseline"}),
+    ("thumbdet_4x", "ThumbDet 4x (learned)", "train_net_S.py",
+     "configs/quickstart/thumbdet_4x.yaml", {"MODEL.MSAD.TEACHER.WEIGHTS": "hr_baseline"}),
 )
 ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
 
@@ -59,8 +67,8 @@ def fmt(seconds):
 
 def stage_opts(name, output, overrides):
     opts = ["OUTPUT_DIR", os.path.join(output, name)] + overrides
-    if name == "student":
-        opts += ["MODEL.MSAD.TEACHER.WEIGHTS", os.path.join(output, "teacher", "model_final.pth")]
+    for key, source in next(stage[4] for stage in STAGES if stage[0] == name).items():
+        opts += [key, os.path.join(output, source, "model_final.pth")]
     return opts
 
 
@@ -145,6 +153,13 @@ def panel(image_rgb, metadata, title, instances=None, boxes=None, labels=None):
     return np.vstack([bar, picture])
 
 
+def grid(panels, columns):
+    """Equal-sized panels in rows of `columns`, the last row filled with white."""
+    blank = np.full_like(panels[0], 255)
+    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
+    return np.vstack([np.hstack(row + [blank] * (columns - len(row))) for row in rows])
+
+
 def top_detections(model, sample, keep, score_thresh=0.3):
     """The `keep` best detections above `score_thresh`, so that the picture stays readable."""
     with torch.no_grad():
@@ -163,8 +178,8 @@ def main():
                         help="config overrides for every stage, e.g. SOLVER.MAX_ITER 300")
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
-    total_iters = sum(load_config(os.path.join(REPO, c), args.overrides).SOLVER.MAX_ITER
-                      for *_, c in STAGES)
+    total_iters = sum(load_config(os.path.join(REPO, stage[3]), args.overrides).SOLVER.MAX_ITER
+                      for stage in STAGES)
     done = {"iters": 0, "seconds": 0.0}
     job_start = time.time()
 
@@ -176,7 +191,7 @@ def main():
               f"  total ETA ~{fmt(stage_eta + rest)}  elapsed {fmt(time.time() - job_start)}",
               flush=True)
 
-    for index, (name, label, script, config) in enumerate(STAGES, 1):
+    for index, (name, label, script, config, _) in enumerate(STAGES, 1):
         if args.reuse_trained and os.path.isfile(os.path.join(args.output, name, "model_final.pth")):
             print(f"[{index}/{len(STAGES)} {name}] reusing {args.output}/{name}", flush=True)
             total_iters -= load_config(os.path.join(REPO, config), args.overrides).SOLVER.MAX_ITER
@@ -197,7 +212,7 @@ def main():
                     boxes=[BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in gt],
                     labels=[metadata.thing_classes[a["category_id"]] for a in gt])]
     rows = []
-    for name, label, _, config in STAGES:
+    for name, label, _, config, _ in STAGES:
         out_dir = os.path.join(args.output, name)
         cfg, model = load_model(config, stage_opts(name, args.output, args.overrides),
                                 os.path.join(out_dir, "model_final.pth"))
@@ -219,8 +234,13 @@ def main():
         json.dump({"rows": rows, "device": cfg.MODEL.DEVICE, "torch_threads": torch.get_num_threads(),
                    "val_images": len(val), "timing_images": args.timing_images - 2}, f, indent=2)
     picture = os.path.join(args.output, "detections.png")
-    cv2.imwrite(picture, cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR))
-    print(f"Wrote {args.output}/summary.json and {picture} in {fmt(time.time() - job_start)}")
+    cv2.imwrite(picture, cv2.cvtColor(grid(panels, columns=4), cv2.COLOR_RGB2BGR))
+    _, thumbdet = load_model("configs/quickstart/thumbdet_4x.yaml",
+                             stage_opts("thumbdet_4x", args.output, args.overrides),
+                             os.path.join(args.output, "thumbdet_4x", "model_final.pth"))
+    thumbnails = write_comparisons(thumbdet, val[:2], args.output)
+    print(f"Wrote {args.output}/summary.json, {picture} and {', '.join(thumbnails)} "
+          f"in {fmt(time.time() - job_start)}")
 
 
 if __name__ == "__main__":

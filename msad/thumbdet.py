@@ -1,0 +1,227 @@
+"""ThumbDet on FCOS: a learned 2x/4x thumbnail, its image-statistics loss, distillation boost.
+
+The detector sees only the thumbnail: the raw [0, 1] image (padded to 256 like every msad
+model) goes through ``LearnedDownsampler`` (or a fixed bicubic resize, the baseline), is
+normalised, and runs through backbone, FPN and FCOS head with strides multiplied by the factor,
+so targets and predictions stay in the original image's pixels.  Training runs two phases by
+iteration (``ThumbDet.training_hooks``): first the image-statistics loss alone, then detection,
+statistics and the distillation boost from a separate frozen full-resolution teacher: logit KD
+and feature mimicry at spatially aligned levels (thumbnail P(l) with teacher P(l + log2 f)).
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from torch import nn
+
+from .alignment import downsample, level_shift
+from .distill import IterationSchedule
+from .fcos import AlignedFCOS
+from .student import FrozenTeacherMixin
+
+FACTORS = (2, 4)
+DOWNSAMPLERS = ("learned", "bicubic")
+MIMIC_MODES = ("aligned", "resize")
+
+
+def check_factor(factor):
+    if factor not in FACTORS:
+        raise ValueError(f"MODEL.THUMBDET.FACTOR must be one of {FACTORS}, got {factor}")
+
+
+class LearnedDownsampler(nn.Module):
+    """Two convolutions from a [0, 1] RGB image to its 1/factor thumbnail (official layers).
+
+    4x: Conv3x3/2 (3 -> hidden) -> ReLU -> Conv3x3/2 (hidden -> 3) -> ReLU.
+    2x: Conv5x5/1 (3 -> hidden) -> ReLU -> Conv5x5/2 (hidden -> 3) -> ReLU.
+    Paddings are k // 2 (the official 2x used 1, which loses pixels), so an H x W input gives
+    exactly ceil(H / factor) x ceil(W / factor), and H / factor for the 256-padded batch.
+    """
+
+    def __init__(self, factor, hidden_channels=12):
+        super().__init__()
+        check_factor(factor)
+        kernel, strides = (3, (2, 2)) if factor == 4 else (5, (1, 2))
+        self.factor = factor
+        self.conv1 = nn.Conv2d(3, hidden_channels, kernel, strides[0], kernel // 2, bias=False)
+        self.conv2 = nn.Conv2d(hidden_channels, 3, kernel, strides[1], kernel // 2, bias=False)
+
+    def forward(self, x):
+        return F.relu(self.conv2(F.relu(self.conv1(x))))
+
+
+def image_statistics_loss(source, thumb, var_weight=0.1):
+    """MSE of per-channel means + var_weight x MSE of per-channel variances (both on [0, 1]).
+
+    `source` and `thumb` are lists of CHW images (each image's own, unpadded region).
+    """
+    def stats(images):
+        flat = [x.flatten(1) for x in images]
+        return (torch.stack([f.mean(dim=1) for f in flat]),
+                torch.stack([f.var(dim=1, unbiased=False) for f in flat]))
+
+    (mean_s, var_s), (mean_t, var_t) = stats(source), stats(thumb)
+    return F.mse_loss(mean_t, mean_s) + var_weight * F.mse_loss(var_t, var_s)
+
+
+def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, t_squared=True):
+    """Per-class Bernoulli KL(teacher || student) of sigmoid(logits / T), mean over locations.
+
+    Zero when the logits agree, positive otherwise; its gradient is that of the soft binary
+    cross-entropy.  x T^2 keeps gradients comparable across temperatures (the official code
+    omits it: ``t_squared=False``).
+    """
+    t = temperature
+    target = torch.sigmoid(teacher_logits / t)
+    loss = (F.binary_cross_entropy_with_logits(student_logits / t, target)
+            - F.binary_cross_entropy_with_logits(teacher_logits / t, target))
+    return loss * t * t if t_squared else loss
+
+
+def feature_mimic(student, teacher, mode="aligned"):
+    """Mean over level pairs of MSE(student, teacher).
+
+    "aligned": the pairs are spatially aligned levels of equal size.  "resize" (official): each
+    student level is bilinearly resized to its partner's size first.
+    """
+    if mode not in MIMIC_MODES:
+        raise ValueError(f"MODEL.THUMBDET.MIMIC_MODE must be one of {MIMIC_MODES}, got {mode!r}")
+    losses = []
+    for s, t in zip(student, teacher):
+        if mode == "resize":
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        losses.append(F.mse_loss(s, t))
+    return sum(losses) / len(losses)
+
+
+def detection_phase(iteration, warmup_iters):
+    """0 while only the statistics loss trains (the first warmup_iters iterations), then 1."""
+    return 0.0 if iteration < warmup_iters else 1.0
+
+
+@META_ARCH_REGISTRY.register()
+class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
+    requires_teacher = False  # without one it trains without the distillation boost
+
+    @configurable
+    def __init__(self, *, factor, downsampler, stats_weight, stats_var_weight, warmup_iters,
+                 kd_weight, kd_temperature, kd_t_squared, mimic_weight, mimic_mode, **kwargs):
+        super().__init__(factors=[factor], **kwargs)
+        self.factor = factor
+        self.downsampler = downsampler  # None: fixed bicubic resize
+        self.stats_weight, self.stats_var_weight = stats_weight, stats_var_weight
+        self.warmup_iters = warmup_iters
+        self.kd_weight, self.kd_temperature, self.kd_t_squared = kd_weight, kd_temperature, kd_t_squared
+        self.mimic_weight, self.mimic_mode = mimic_weight, mimic_mode
+        self.detection_phase = 1.0  # set before each step by the hook of training_hooks()
+
+    @classmethod
+    def from_config(cls, cfg):
+        spec = cfg.MODEL.THUMBDET
+        check_factor(spec.FACTOR)
+        if spec.DOWNSAMPLER not in DOWNSAMPLERS:
+            raise ValueError(f"MODEL.THUMBDET.DOWNSAMPLER must be one of {DOWNSAMPLERS}, "
+                             f"got {spec.DOWNSAMPLER!r}")
+        if spec.MIMIC_MODE not in MIMIC_MODES:
+            raise ValueError(f"MODEL.THUMBDET.MIMIC_MODE must be one of {MIMIC_MODES}, "
+                             f"got {spec.MIMIC_MODE!r}")
+        backbone = build_backbone(cfg)
+        kwargs = cls.fcos_kwargs_from_config(cfg, backbone, spec.IN_FEATURES)
+        # The thumbnail's P(l) sits on the grid of the full image's P(l + log2 factor).
+        shift = level_shift(spec.FACTOR)
+        kwargs.update(in_features=[f"p{int(n[1:]) + shift}" for n in spec.IN_FEATURES],
+                      resample="bicubic")
+        learned = spec.DOWNSAMPLER == "learned"
+        return dict(
+            factor=spec.FACTOR,
+            downsampler=LearnedDownsampler(spec.FACTOR, spec.HIDDEN_CHANNELS) if learned else None,
+            stats_weight=spec.STATS_WEIGHT, stats_var_weight=spec.STATS_VAR_WEIGHT,
+            warmup_iters=spec.WARMUP_ITERS, kd_weight=spec.KD_WEIGHT,
+            kd_temperature=spec.KD_TEMPERATURE, kd_t_squared=spec.KD_T_SQUARED,
+            mimic_weight=spec.MIMIC_WEIGHT, mimic_mode=spec.MIMIC_MODE, **kwargs)
+
+    def training_hooks(self):
+        return [IterationSchedule("detection_phase",
+                                  partial(detection_phase, warmup_iters=self.warmup_iters))]
+
+    def teacher_pairs(self, teacher):
+        """(student index, teacher index) of the levels on the same full-resolution grid."""
+        return [(i, list(teacher.in_features).index(name))
+                for i, name in enumerate(self.in_features) if name in teacher.in_features]
+
+    def check_teacher(self, teacher):
+        if not self.teacher_pairs(teacher):
+            raise ValueError(
+                f"no thumbnail level at factor {self.factor} aligns with a teacher level: the "
+                f"thumbnail's levels sit on full-resolution levels {self.in_features}, the "
+                f"teacher's MODEL.FCOS.IN_FEATURES are {list(teacher.in_features)}")
+        if teacher.num_classes != self.num_classes:
+            raise ValueError(f"teacher has {teacher.num_classes} classes, the student "
+                             f"{self.num_classes} (MODEL.FCOS.NUM_CLASSES)")
+        t_channels = teacher.head.cls_subnet[0].in_channels
+        s_channels = self.head.cls_subnet[0].in_channels
+        if t_channels != s_channels:
+            raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
+                             f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
+
+    def unit_range(self, normalized):
+        """Normalised tensor back to [0, 1] (the padding becomes the mean colour)."""
+        return (normalized * self.pixel_std + self.pixel_mean) / 255.0
+
+    def thumbnail(self, unit):
+        """The [0, 1] thumbnail of a [0, 1] padded batch."""
+        if self.downsampler is None:
+            return downsample(unit, self.factor, "bicubic")
+        return self.downsampler(unit)
+
+    def preprocess_image(self, batched_inputs):
+        for x in batched_inputs:
+            h, w = x["image"].shape[-2:]
+            if min(h, w) < self.factor:
+                raise ValueError(f"a {h}x{w} image is smaller than MODEL.THUMBDET.FACTOR="
+                                 f"{self.factor} allows")
+        return super().preprocess_image(batched_inputs)
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        unit = self.unit_range(images.tensor)
+        thumb = self.thumbnail(unit)
+        features = self.backbone((thumb * 255.0 - self.pixel_mean) / self.pixel_std)
+        features = [features[name] for name in self.levels[self.factor]]
+        predictions = self.head(features)
+        if not self.training:
+            results = self.forward_inference(images, features, predictions)
+            return self.postprocess(results, batched_inputs, images.image_sizes)
+
+        phase = self.detection_phase
+        losses = {k: v * phase for k, v in self.forward_training(
+            images, features, predictions, self.gt_instances(batched_inputs)).items()}
+        if self.downsampler is not None:
+            f = self.factor
+            sizes = images.image_sizes
+            losses["loss_image_stats"] = self.stats_weight * image_statistics_loss(
+                [unit[i, :, :h, :w] for i, (h, w) in enumerate(sizes)],
+                [thumb[i, :, :math.ceil(h / f), :math.ceil(w / f)] for i, (h, w) in enumerate(sizes)],
+                self.stats_var_weight)
+        if self.teacher is not None:
+            losses.update(self.distillation_losses(batched_inputs, features, predictions, phase))
+        return losses
+
+    def distillation_losses(self, batched_inputs, features, predictions, phase):
+        zero = features[0].sum() * 0.0
+        if phase == 0:  # warm-up: no teacher pass needed for losses that are switched off
+            return {"loss_kd": zero, "loss_mimic": zero}
+        t_features, t_predictions = self.teacher_outputs(batched_inputs)
+        pairs = self.teacher_pairs(self.teacher)
+        kd = sum(sigmoid_kd(predictions[0][i], t_predictions[0][j], self.kd_temperature,
+                            self.kd_t_squared) for i, j in pairs) / len(pairs)
+        if self.mimic_mode == "aligned":
+            mimic = feature_mimic([features[i] for i, _ in pairs],
+                                  [t_features[j] for _, j in pairs], "aligned")
+        else:  # official: level by level in order, student resized to the teacher's size
+            mimic = feature_mimic(features, t_features, "resize")
+        return {"loss_kd": self.kd_weight * phase * kd,
+                "loss_mimic": self.mimic_weight * phase * mimic}

@@ -1,0 +1,157 @@
+"""ThumbDet: down-sampler sizes, statistics loss, KD and mimic losses, phases, frozen teacher."""
+import math
+import os
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from conftest import REPO, quickstart_cfg
+from msad.engine import build_frozen_teacher
+from msad.thumbdet import (LearnedDownsampler, detection_phase, feature_mimic,
+                           image_statistics_loss, sigmoid_kd)
+from test_teacher import _inputs
+
+
+@pytest.fixture(scope="module")
+def hr_teacher_weights(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hr")
+    torch.manual_seed(2)
+    DetectionCheckpointer(build_model(quickstart_cfg("hr_baseline")), save_dir=str(out)).save("m")
+    return str(out / "m.pth")
+
+
+def thumbdet_cfg(weights, *opts):
+    return quickstart_cfg("thumbdet_4x", "MODEL.MSAD.TEACHER.WEIGHTS", weights, *opts)
+
+
+def thumbdet_with_teacher(cfg):
+    model = build_model(cfg)
+    model.attach_teacher(build_frozen_teacher(cfg))
+    return model
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("size", [(64, 64), (65, 67), (97, 130), (1, 3)])
+def test_thumbnail_size_is_exact(factor, size):
+    out = LearnedDownsampler(factor)(torch.rand(2, 3, *size))
+    assert out.shape == (2, 3, math.ceil(size[0] / factor), math.ceil(size[1] / factor))
+    assert (out >= 0).all()  # ReLU output, like an image
+
+
+def test_unknown_factor_is_named():
+    with pytest.raises(ValueError, match="FACTOR must be one of \\(2, 4\\), got 3"):
+        LearnedDownsampler(3)
+    with pytest.raises(ValueError, match="got 8"):
+        build_model(quickstart_cfg("thumbdet_4x", "MODEL.THUMBDET.FACTOR", 8))
+
+
+def test_statistics_loss_matches_a_hand_computation():
+    source = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]],
+                           [[0.2, 0.2], [0.2, 0.2]]])
+    thumb = torch.tensor([[[0.5]], [[0.3]], [[0.2]]])
+    # Means: source (0.5, 0.5, 0.2), thumb (0.5, 0.3, 0.2): MSE = 0.04 / 3.
+    # Variances: source (0.25, 0, 0), thumb (0, 0, 0): MSE = 0.0625 / 3, weighted 0.1.
+    loss = image_statistics_loss([source], [thumb], var_weight=0.1)
+    assert loss.item() == pytest.approx(0.04 / 3 + 0.1 * 0.0625 / 3)
+
+
+def test_statistics_loss_is_zero_for_a_constant_image_and_thumbnail():
+    image = torch.full((3, 20, 24), 0.37)
+    assert image_statistics_loss([image], [image[:, :5, :6]]).item() < 1e-12  # float rounding
+
+
+def test_kd_and_mimic_are_zero_only_for_identical_outputs():
+    a, b = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 4, 4)
+    assert sigmoid_kd(a, a.clone(), 2.0).abs().item() < 1e-6
+    assert sigmoid_kd(a, b, 2.0).item() > 0
+    # x T^2, as the official code does not:
+    assert sigmoid_kd(a, b, 2.0).item() == pytest.approx(4 * sigmoid_kd(a, b, 2.0, False).item())
+    assert feature_mimic([a], [a.clone()]).item() == 0.0
+    assert feature_mimic([a], [b]).item() > 0
+    small = torch.randn(2, 5, 2, 2)
+    assert feature_mimic([a], [small], "resize").item() > 0
+
+
+@pytest.mark.parametrize("iteration,phase", [(0, 0.0), (99, 0.0), (100, 1.0), (5000, 1.0)])
+def test_detection_phase_switches_after_warmup(iteration, phase):
+    assert detection_phase(iteration, 100) == phase
+
+
+def test_only_the_statistics_loss_trains_during_warmup(hr_teacher_weights):
+    model = thumbdet_with_teacher(thumbdet_cfg(hr_teacher_weights)).train()
+    batch = _inputs([(200, 240), (256, 190)])
+    model.detection_phase = 0.0
+    with EventStorage(0):
+        warm = model(batch)
+    assert warm["loss_image_stats"].item() > 0
+    assert all(v.item() == 0 for k, v in warm.items() if k != "loss_image_stats")
+    sum(warm.values()).backward()  # every parameter is in the graph: DDP needs no flag
+    assert all(p.grad is not None for p in model.parameters())
+    model.detection_phase = 1.0
+    with EventStorage(1):
+        trained = model(batch)
+    assert set(trained) == set(warm)
+    assert all(v.item() > 0 for v in trained.values())
+
+
+def test_teacher_is_frozen_and_unused_at_inference(hr_teacher_weights):
+    model = thumbdet_with_teacher(thumbdet_cfg(hr_teacher_weights))
+    teacher = model.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert not any("teacher" in k for k in model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with EventStorage(0):
+        loss = sum(model.train()(_inputs([(224, 224)])).values())
+    loss.backward()
+    opt.step()
+    assert not teacher.training
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the teacher ran at inference")
+
+    teacher.forward = teacher.distillation_features = teacher.preprocess_image = boom
+    with torch.no_grad():
+        out = model.eval()(_inputs([(201, 199), (256, 256), (96, 130)], with_boxes=False))
+    assert [o["instances"].image_size for o in out] == [(201, 199), (256, 256), (96, 130)]
+
+
+def test_a_teacher_whose_levels_cannot_align_is_refused(hr_teacher_weights):
+    model = build_model(thumbdet_cfg(hr_teacher_weights, "MODEL.THUMBDET.IN_FEATURES", ["p5", "p6"],
+                                     "MODEL.FPN.IN_FEATURES", ["res5"]))
+    teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.IN_FEATURES",
+                                         ["p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1))
+    with pytest.raises(ValueError, match=r"no thumbnail level at factor 4 aligns.*p7.*p8"):
+        model.attach_teacher(teacher)
+
+
+def test_images_smaller_than_the_factor_are_refused(hr_teacher_weights):
+    model = build_model(thumbdet_cfg(hr_teacher_weights)).eval()
+    with pytest.raises(ValueError, match="3x50 image is smaller than MODEL.THUMBDET.FACTOR=4"):
+        model(_inputs([(3, 50)], with_boxes=False))
+
+
+def test_bicubic_baseline_has_no_downsampler_and_no_statistics_loss():
+    model = build_model(quickstart_cfg("bicubic_4x")).train()
+    assert model.downsampler is None and model.teacher is None
+    with EventStorage(0):
+        losses = model(_inputs([(200, 240)]))
+    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+
+
+def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path):
+    from thumbnails import write_comparisons
+
+    import cv2
+    from detectron2.data import DatasetCatalog
+
+    model = build_model(thumbdet_cfg(hr_teacher_weights)).eval()
+    dicts = DatasetCatalog.get("msad_synth_val")[:1]
+    [path] = write_comparisons(model, dicts, str(tmp_path))
+    picture = cv2.imread(path)
+    h, w = dicts[0]["height"], dicts[0]["width"]
+    assert picture.shape == (28 + 2 * h, 3 * 2 * w, 3)
+    assert os.path.basename(path) == f"thumbnails_{dicts[0]['image_id']}.png"
