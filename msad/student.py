@@ -3,7 +3,7 @@
 ``MSADStudent`` is an FCOS on the LR image, distilled from a frozen multi-scale teacher: exactly
 the low-resolution single-scale FCOS (LR levels P2-P6 of the 1/f copy, trained against the HR
 ground truth at HR strides) plus an L1 pull of its FPN levels towards the teacher's fused
-features at the aligned levels.  ``FrozenTeacherMixin`` (shared with ThumbDet) keeps the teacher
+features at the aligned levels (all five; a lighter student on LR P3-P7 shares four).  ``FrozenTeacherMixin`` (shared with ThumbDet) keeps the teacher
 outside the module tree: it is not in the student's state_dict, optimizer or DDP wrapper, it
 stays in eval mode, and inference never touches it.
 """
@@ -29,8 +29,23 @@ class FrozenTeacherMixin:
     def teacher(self):
         return self.__dict__.get("_teacher")
 
+    def teacher_pairs(self, teacher):
+        """(student index, teacher index) of the levels on the same full-resolution grid."""
+        return [(i, list(teacher.in_features).index(name))
+                for i, name in enumerate(self.in_features) if name in teacher.in_features]
+
     def check_teacher(self, teacher):
-        """Raise if `teacher` cannot teach this student."""
+        """Raise if `teacher` cannot teach this student: no aligned level, other channels."""
+        if not self.teacher_pairs(teacher):
+            raise ValueError(
+                "no level of the student aligns with a teacher level: the student's levels sit on "
+                f"full-resolution levels {self.in_features}, the teacher's MODEL.FCOS.IN_FEATURES "
+                f"are {list(teacher.in_features)}")
+        t_channels = teacher.head.cls_subnet[0].in_channels
+        s_channels = self.head.cls_subnet[0].in_channels
+        if t_channels != s_channels:
+            raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
+                             f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
 
     def attach_teacher(self, teacher):
         """Hold a frozen teacher for training; it stays in eval mode and gets no gradient."""
@@ -93,16 +108,6 @@ class MSADStudent(FrozenTeacherMixin, SingleScaleFCOS):
         return [IterationSchedule("distill_warmup",
                                   partial(warmup_factor, warmup_iters=self.kd_warmup_iters))]
 
-    def check_teacher(self, teacher):
-        if list(teacher.in_features) != list(self.in_features):
-            raise ValueError(f"teacher MODEL.FCOS.IN_FEATURES {teacher.in_features} differ from "
-                             f"the student's {self.in_features}: the levels cannot be aligned")
-        t_channels = teacher.head.cls_subnet[0].in_channels
-        s_channels = self.head.cls_subnet[0].in_channels
-        if t_channels != s_channels:
-            raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
-                             f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
-
     def forward(self, batched_inputs):
         if not self.training:
             return super().forward(batched_inputs)  # the student alone, on the LR image
@@ -111,7 +116,8 @@ class MSADStudent(FrozenTeacherMixin, SingleScaleFCOS):
         losses = self.forward_training(images, features, self.head(features),
                                        self.gt_instances(batched_inputs))
         teacher_features, _ = self.teacher_outputs(batched_inputs)
+        pairs = self.teacher_pairs(self.teacher)
         t = self.kd_temperature
-        losses["loss_distill"] = (self.kd_alpha * t * t * self.distill_warmup
-                                  * aligned_feature_l1(features, teacher_features, t))
+        losses["loss_distill"] = self.kd_alpha * t * t * self.distill_warmup * aligned_feature_l1(
+            [features[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], t)
         return losses

@@ -39,15 +39,29 @@ class LearnedDownsampler(nn.Module):
     2x: Conv5x5/1 (3 -> hidden) -> ReLU -> Conv5x5/2 (hidden -> 3) -> ReLU.
     Paddings are k // 2 (the official 2x used 1, which loses pixels), so an H x W input gives
     exactly ceil(H / factor) x ceil(W / factor), and H / factor for the 256-padded batch.
+    The convolutions start as box filters (each hidden channel a blurred copy of one colour,
+    plus a little noise), so the first thumbnail is already an image: from a random start the
+    ReLUs can go dark for good once the detection losses switch on.
     """
 
     def __init__(self, factor, hidden_channels=12):
         super().__init__()
         check_factor(factor)
+        if hidden_channels % 3:
+            raise ValueError(f"MODEL.THUMBDET.HIDDEN_CHANNELS must be a multiple of 3, got "
+                             f"{hidden_channels}")
         kernel, strides = (3, (2, 2)) if factor == 4 else (5, (1, 2))
         self.factor = factor
         self.conv1 = nn.Conv2d(3, hidden_channels, kernel, strides[0], kernel // 2, bias=False)
         self.conv2 = nn.Conv2d(hidden_channels, 3, kernel, strides[1], kernel // 2, bias=False)
+        with torch.no_grad():
+            box = 1.0 / kernel**2
+            copies = hidden_channels // 3
+            self.conv1.weight.normal_(0, 0.01 * box)
+            self.conv2.weight.normal_(0, 0.01 * box)
+            for j in range(hidden_channels):
+                self.conv1.weight[j, j % 3] += box
+                self.conv2.weight[j % 3, j] += box / copies
 
     def forward(self, x):
         return F.relu(self.conv2(F.relu(self.conv1(x))))
@@ -147,25 +161,11 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         return [IterationSchedule("detection_phase",
                                   partial(detection_phase, warmup_iters=self.warmup_iters))]
 
-    def teacher_pairs(self, teacher):
-        """(student index, teacher index) of the levels on the same full-resolution grid."""
-        return [(i, list(teacher.in_features).index(name))
-                for i, name in enumerate(self.in_features) if name in teacher.in_features]
-
     def check_teacher(self, teacher):
-        if not self.teacher_pairs(teacher):
-            raise ValueError(
-                f"no thumbnail level at factor {self.factor} aligns with a teacher level: the "
-                f"thumbnail's levels sit on full-resolution levels {self.in_features}, the "
-                f"teacher's MODEL.FCOS.IN_FEATURES are {list(teacher.in_features)}")
+        super().check_teacher(teacher)  # aligned levels, FPN channels
         if teacher.num_classes != self.num_classes:
             raise ValueError(f"teacher has {teacher.num_classes} classes, the student "
                              f"{self.num_classes} (MODEL.FCOS.NUM_CLASSES)")
-        t_channels = teacher.head.cls_subnet[0].in_channels
-        s_channels = self.head.cls_subnet[0].in_channels
-        if t_channels != s_channels:
-            raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
-                             f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
 
     def unit_range(self, normalized):
         """Normalised tensor back to [0, 1] (the padding becomes the mean colour)."""

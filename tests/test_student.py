@@ -124,10 +124,21 @@ def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
     wide = build_model(quickstart_cfg("teacher", "MODEL.FPN.OUT_CHANNELS", 32))
     with pytest.raises(ValueError, match="OUT_CHANNELS"):
         student.attach_teacher(wide)
-    shifted = build_model(quickstart_cfg("teacher", "MODEL.FCOS.IN_FEATURES",
-                                         ["p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1))
-    with pytest.raises(ValueError, match="cannot be aligned"):
-        student.attach_teacher(shifted)
+    teacher = build_model(quickstart_cfg("teacher"))
+    student.attach_teacher(teacher)
+    assert student.teacher_pairs(teacher) == [(i, i) for i in range(5)]
+
+
+def test_light_student_distills_the_four_levels_it_shares(teacher_files, tmp_path):
+    cfg = student_cfg(teacher_files, tmp_path)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "quickstart", "student_light.yaml"))
+    cfg.MODEL.MSAD.TEACHER.WEIGHTS = teacher_files[1]
+    student = student_with_teacher(cfg).train()
+    assert student.levels[2] == ["p3", "p4", "p5", "p6", "p7"]  # of the 0.5x image
+    assert student.teacher_pairs(student.teacher) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with EventStorage(0):
+        losses = student(_inputs([(224, 256)]))
+    assert losses["loss_distill"].item() > 0
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -124,7 +124,7 @@ def test_a_teacher_whose_levels_cannot_align_is_refused(hr_teacher_weights):
                                      "MODEL.FPN.IN_FEATURES", ["res5"]))
     teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.IN_FEATURES",
                                          ["p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1))
-    with pytest.raises(ValueError, match=r"no thumbnail level at factor 4 aligns.*p7.*p8"):
+    with pytest.raises(ValueError, match=r"no level of the student aligns.*p7.*p8"):
         model.attach_teacher(teacher)
 
 

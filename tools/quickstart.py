@@ -6,10 +6,11 @@ student distilled from that teacher, and the 4x-thumbnail detectors (bicubic, an
 learned down-sampler distilled from the HR FCOS) (configs/quickstart/), evaluates each on the
 val split, times inference, and prints one table.  Writes into --output (default output/quickstart/):
 summary.json (the table), detections.png (one val image: its ground truth, then each model's
-best detections), thumbnails_<id>.png (source, bicubic and learned 4x thumbnails) and each
+best detections), thumbnails_<id>.png (source, bicubic and learned 4x thumbnails),
+ap_vs_cost.png/.svg (AP against GMACs and against latency) and each
 model's own Detectron2 output directory.
 
-    python tools/quickstart.py [--output DIR] [--device cpu] [CONFIG OVERRIDES applied to all]
+    python tools/quickstart.py [--output DIR] [--reuse-trained] [CONFIG OVERRIDES for every model]
 """
 import argparse
 import json
@@ -41,7 +42,9 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
 from msad.engine import load_config  # noqa: E402
-from thumbnails import write_comparisons  # noqa: E402  (tools/, beside this script)
+from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
+from plot_ap_vs_cost import plot  # noqa: E402
+from thumbnails import write_comparisons  # noqa: E402
 
 # (name, shown as, training script, config, {config key: stage whose model_final.pth it takes});
 # a stage comes after the stages it takes weights from.
@@ -57,6 +60,7 @@ STAGES = (
     ("thumbdet_4x", "ThumbDet 4x (learned)", "train_net_S.py",
      "configs/quickstart/thumbdet_4x.yaml", {"MODEL.MSAD.TEACHER.WEIGHTS": "hr_baseline"}),
 )
+MACS_SIZE = (256, 256)  # every bundled image pads to one 256x256 tile
 ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
 
 
@@ -219,15 +223,18 @@ def main():
         samples = [model_input(cfg, d) for d in val[: args.timing_images]]
         rows.append({"model": label, "name": name, **final_metrics(out_dir),
                      "backbone_input": " + ".join(backbone_inputs(model, samples[0])),
+                     "gmacs": model_macs(model, MACS_SIZE)[0]["total"] / 1e9,
                      "ms_per_image": time_inference(model, samples)})
         panels.append(panel(image_rgb, metadata, label,
                             instances=top_detections(model, samples[0], keep=len(gt) + 3)))
 
-    header = f"{'model':<26}{'AP':>7}{'AP_S':>7}{'AP_M':>7}{'AP_L':>7}  {'backbone input':<17}{'ms/img':>7}"
+    header = (f"{'model':<26}{'AP':>7}{'AP_S':>7}{'AP_M':>7}{'AP_L':>7}  {'backbone input':<17}"
+              f"{'GMACs':>7}{'ms/img':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         aps = "".join("    n/a" if r[k] is None else f"{r[k]:7.2f}" for k in ("AP", "APs", "APm", "APl"))
-        lines.append(f"{r['model']:<26}{aps}  {r['backbone_input']:<17}{r['ms_per_image']:7.1f}")
+        lines.append(f"{r['model']:<26}{aps}  {r['backbone_input']:<17}{r['gmacs']:7.2f}"
+                     f"{r['ms_per_image']:7.1f}")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.output, "summary.json"), "w") as f:
@@ -239,8 +246,10 @@ def main():
                              stage_opts("thumbdet_4x", args.output, args.overrides),
                              os.path.join(args.output, "thumbdet_4x", "model_final.pth"))
     thumbnails = write_comparisons(thumbdet, val[:2], args.output)
-    print(f"Wrote {args.output}/summary.json, {picture} and {', '.join(thumbnails)} "
-          f"in {fmt(time.time() - job_start)}")
+    plots = plot(rows, os.path.join(args.output, "ap_vs_cost"),
+                 f"Quickstart models on msad_synth_val (CPU, {torch.get_num_threads()} threads)")
+    print(f"Wrote {args.output}/summary.json, {picture}, {', '.join(thumbnails)} and "
+          f"{', '.join(plots)} in {fmt(time.time() - job_start)}")
 
 
 if __name__ == "__main__":

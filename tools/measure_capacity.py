@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Count what each model costs in multiply-accumulates (MACs), with fvcore.
+
+Two tables, printed and written as JSON (--output):
+
+1. MSAD's "capacity": backbone MACs relative to the width-1.0 slimmable ResNet-50 on an
+   800x1333 image; the teacher counts its HR and its 0.5x LR pass, the student its LR pass.
+   Three columns per number: the paper's value, the value counted on our ResNet at that width,
+   and the idealised w^2 x (1 + 1/4) (teacher) or w^2 / 4 (student).  The paper's column is the
+   idealised one rounded to two decimals; counted, the 3-channel stem scales with w rather than
+   w^2 and the borders of odd-sized maps round up, which is where the two differ.
+2. End-to-end inference MACs of every model (backbone, FPN, head, down-sampler separately) at
+   --size, as the model really runs: images padded to a multiple of 256, the teacher's two
+   backbone passes and one head pass on the fused levels, the thumbnail models' down-sampler.
+
+Counted: convolutions and linear layers (fvcore's handles), not norms, activations, resizing.
+
+    python tools/measure_capacity.py [--size 800 1333] [--output output/capacity.json]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from collections import Counter
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+
+import msad  # noqa: E402,F401
+from msad.alignment import downsample  # noqa: E402
+from msad.backbone import build_slimmable_resnet  # noqa: E402
+from msad.engine import load_config  # noqa: E402
+from msad.teacher import MultiScaleTeacher  # noqa: E402
+from msad.thumbdet import ThumbDet  # noqa: E402
+
+# MSAD README, "Capacity" column: width -> (teacher, student).
+PAPER_CAPACITY = {0.25: (0.08, 0.02), 0.5: (0.31, 0.06), 0.75: (0.70, 0.14), 1.0: (1.25, 0.25)}
+CAPACITY_SIZE = (800, 1333)
+MODELS = (
+    ("HR FCOS", "configs/MSAD/HR-FCOS-R50.yaml"),
+    ("MSAD teacher", "configs/MSAD/SLR100-50-T.yaml"),
+    ("MSAD student", "configs/MSAD/SLR100-50-S.yaml"),
+    ("MSAD student, light", "configs/MSAD/SLR100-50-S-light.yaml"),
+    ("ThumbDet 2x", "configs/ThumbDet/ThumbDet-2x.yaml"),
+    ("ThumbDet 4x", "configs/ThumbDet/ThumbDet-4x.yaml"),
+    ("bicubic 2x", "configs/ThumbDet/Bicubic-2x.yaml"),
+    ("bicubic 4x", "configs/ThumbDet/Bicubic-4x.yaml"),
+)
+# Counted at the same cost in every model, so left out: norms, activations, resizing.
+_IGNORED_OPS = ("aten::batch_norm", "aten::group_norm", "aten::upsample_nearest2d",
+                "aten::upsample_bilinear2d", "aten::adaptive_avg_pool2d")
+
+
+def count_macs(module, *inputs):
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.set_op_handle(**{op: None for op in _IGNORED_OPS})
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis.total()
+
+
+def resnet_macs(width, size, depth=50):
+    cfg = load_config(os.path.join(REPO, "configs/MSAD/Base-FCOS.yaml"), [
+        "MODEL.SLIMMABLE.WIDTH", width, "MODEL.SLIMMABLE.PRETRAINED", "",
+        "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.DEPTH", depth])
+    resnet = build_slimmable_resnet(cfg, ShapeSpec(channels=3)).eval()
+    return count_macs(resnet, torch.zeros(1, 3, *size))
+
+
+def capacity_table(size=CAPACITY_SIZE):
+    """Rows of (width, role, paper, counted, idealised) for the eight MSAD capacity numbers."""
+    lr_size = tuple(math.ceil(s / 2) for s in size)
+    reference = resnet_macs(1.0, size)
+    rows = []
+    for width, (paper_t, paper_s) in PAPER_CAPACITY.items():
+        hr = resnet_macs(width, size) / reference
+        lr = resnet_macs(width, lr_size) / reference
+        rows.append({"width": width, "role": "teacher", "paper": paper_t, "counted": hr + lr,
+                     "idealised": width**2 * 1.25})
+        rows.append({"width": width, "role": "student", "paper": paper_s, "counted": lr,
+                     "idealised": width**2 * 0.25})
+    return rows, reference
+
+
+def model_macs(model, size):
+    """MACs of one inference pass, by part, as the model runs it on one size x image."""
+    with torch.no_grad():
+        padded = model.preprocess_image([{"image": torch.zeros(3, *size)}]).tensor
+    parts = Counter()
+
+    def branch(image, levels):
+        parts["backbone"] += count_macs(model.backbone.bottom_up, image)
+        parts["fpn"] += count_macs(model.backbone, image) - count_macs(model.backbone.bottom_up, image)
+        with torch.no_grad():
+            features = model.backbone(image)
+        return [features[name] for name in levels]
+
+    if isinstance(model, ThumbDet):
+        unit = model.unit_range(padded)
+        if model.downsampler is not None:
+            parts["downsampler"] += count_macs(model.downsampler, unit)
+        with torch.no_grad():
+            thumb = model.thumbnail(unit)
+        head_in = branch(thumb, model.levels[model.factor])
+    elif isinstance(model, MultiScaleTeacher):
+        hr = branch(padded, model.levels[1])
+        lr = branch(downsample(padded, model.lr_factor, model.resample), model.levels[model.lr_factor])
+        head_in = [fuse(h, l) for fuse, h, l in zip(model.fusion, hr, lr)]
+        parts["fusion"] += sum(count_macs(fuse, h, l) for fuse, h, l in zip(model.fusion, hr, lr))
+    else:  # SingleScaleFCOS and the student
+        f = model.input_factor
+        head_in = branch(downsample(padded, f, model.resample), model.levels[f])
+    parts["head"] += count_macs(model.head, head_in)
+    parts["total"] = sum(parts.values())
+    return dict(parts), tuple(padded.shape[-2:])
+
+
+def end_to_end_table(size):
+    rows = []
+    for name, config in MODELS:
+        cfg = load_config(os.path.join(REPO, config), [
+            "MODEL.DEVICE", "cpu", "MODEL.SLIMMABLE.PRETRAINED", "", "MODEL.RESNETS.NORM", "FrozenBN"])
+        model = build_model(cfg).eval()
+        parts, padded = model_macs(model, size)
+        rows.append({"model": name, "config": config, "padded_input": list(padded),
+                     **{k: v / 1e9 for k, v in parts.items()}})
+        print(f"  counted {name}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=2, default=list(CAPACITY_SIZE),
+                        metavar=("H", "W"), help="image size of the end-to-end table")
+    parser.add_argument("--output", default="output/capacity.json")
+    parser.add_argument("--capacity-only", action="store_true")
+    args = parser.parse_args()
+
+    rows, reference = capacity_table()
+    print(f"MSAD capacity: backbone MACs / width-1.0 ResNet-50 at 800x1333 "
+          f"({reference / 1e9:.2f} GMACs)")
+    print(f"{'width':>6} {'role':<8} {'paper':>6} {'counted':>8} {'idealised':>10}")
+    for r in rows:
+        print(f"{r['width']:6.2f} {r['role']:<8} {r['paper']:6.2f} {r['counted']:8.3f} "
+              f"{r['idealised']:10.4f}")
+    result = {"capacity": rows, "capacity_reference_gmacs": reference / 1e9}
+
+    if not args.capacity_only:
+        size = tuple(args.size)
+        print(f"\nEnd-to-end inference GMACs at {size[0]}x{size[1]} (width 1.0, zoo configs):")
+        table = end_to_end_table(size)
+        keys = ["backbone", "fpn", "head", "fusion", "downsampler", "total"]
+        print(f"{'model':<20} {'padded':>10}" + "".join(f"{k:>12}" for k in keys) + f"{'vs HR':>8}")
+        for r in table:
+            cells = "".join(f"{r.get(k, 0.0):12.1f}" for k in keys)
+            print(f"{r['model']:<20} {'x'.join(map(str, r['padded_input'])):>10}{cells}"
+                  f"{r['total'] / table[0]['total']:8.2f}")
+        result.update(end_to_end=table, size=list(size))
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nWrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
