@@ -66,3 +66,21 @@ def test_train_and_eval_scripts_run_on_cuda(tmp_path):
                           "absent.pth", "OUTPUT_DIR", tmp_path / "e", script="train_net_S.py")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert final_ap(evaluated.stdout) == final_ap(student.stdout)
+
+
+def test_thumbdet_trains_a_step_on_cuda(tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from msad.engine import build_frozen_teacher
+
+    teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.DEVICE", "cuda"))
+    DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save("hr")
+    cfg = quickstart_cfg("thumbdet_4x", "MODEL.DEVICE", "cuda",
+                         "MODEL.MSAD.TEACHER.WEIGHTS", str(tmp_path / "hr.pth"))
+    model = build_model(cfg)
+    model.attach_teacher(build_frozen_teacher(cfg))
+    with EventStorage(0):
+        losses = model.train()(_inputs([(224, 224), (192, 256)]))
+    sum(losses.values()).backward()
+    assert all(v.is_cuda and torch.isfinite(v) for v in losses.values())
+    assert losses["loss_kd"].item() > 0 and losses["loss_mimic"].item() > 0

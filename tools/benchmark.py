@@ -7,8 +7,9 @@
 Every config is measured in one run, each in a fresh process (so that peak memory is its own),
 and reported with ratios to the first: on shared, noisy machines only ratios measured side by
 side mean anything.  Latency: median and p90 over --runs single images after --warmup; throughput:
-images per second at --batch; peak memory: CUDA peak allocated on a GPU, peak RSS on the CPU.
---train adds the time of one training step (forward, backward, SGD) at --batch; students get a
+images per second at --batch; peak memory of inference: CUDA peak allocated on a GPU, peak RSS
+on the CPU.  --train adds the time and peak memory of one training step (forward, backward,
+SGD) at --batch; students get a
 teacher of their teacher's config, randomly initialised (its cost, not its accuracy, matters).
 --compile, --channels-last and --amp (CUDA) are applied to every model and reported.  Weights
 are random: speed does not depend on them.
@@ -104,8 +105,11 @@ def measure_one(args):
         "latency_ms_median": 1000 * statistics.median(latency),
         "latency_ms_p90": 1000 * sorted(latency)[int(0.9 * (len(latency) - 1))],
         "images_per_s": args.batch / statistics.median(throughput),
+        "peak_memory_mb": peak_memory_mb(device),  # inference, before any training step
     }
     if args.train:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         data = inputs(args.batch, args.size, device, with_boxes=True)
@@ -120,11 +124,15 @@ def measure_one(args):
         with EventStorage(0):
             result["train_step_ms"] = 1000 * statistics.median(
                 timed(step, device, max(3, args.runs // 4), 2))
-    if device == "cuda":
-        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["train_peak_memory_mb"] = peak_memory_mb(device)
     print(json.dumps(result))
+
+
+def peak_memory_mb(device):
+    """CUDA peak allocated since the last reset, or this process's peak RSS (KiB on Linux)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():
@@ -171,11 +179,11 @@ def main():
     keys = [("latency_ms_median", "median ms"), ("latency_ms_p90", "p90 ms"),
             ("images_per_s", "img/s"), ("peak_memory_mb", "peak MB")]
     if args.train:
-        keys.append(("train_step_ms", "train ms"))
+        keys += [("train_step_ms", "train ms"), ("train_peak_memory_mb", "train MB")]
     header = f"{'config':<40}" + "".join(f"{label:>11}{'ratio':>7}" for _, label in keys)
     print(header + "\n" + "-" * len(header))
     for r in results:
-        cells = "".join(f"{r[k]:11.1f}{r[k] / base[k]:7.2f}" for k, _ in keys)
+        cells = "".join(f"{r[k]:11.3g}{r[k] / base[k]:7.2f}" for k, _ in keys)
         print(f"{os.path.relpath(r['config'], REPO)[:39]:<40}{cells}")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
