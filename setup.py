@@ -13,5 +13,5 @@ setup(
     "as a Detectron2 plugin",
     packages=find_packages(include=["msad", "msad.*"]),
     python_requires=">=3.10",
-    install_requires=["fvcore", "pycocotools", "opencv-python-headless", "numpy", "psutil"],
+    install_requires=["fvcore", "pycocotools", "opencv-python-headless", "numpy"],
 )

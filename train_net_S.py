@@ -18,6 +18,8 @@ from msad.engine import Trainer, build_frozen_teacher, run
 class StudentTrainer(Trainer):
     """Attaches the frozen teacher (MODEL.MSAD.TEACHER) and the student's schedule hooks."""
 
+    trains_students = True
+
     def __init__(self, cfg):
         super().__init__(cfg)
         student = unwrap(self.model)

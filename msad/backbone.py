@@ -56,7 +56,7 @@ def build_slimmable_resnet(cfg, input_shape):
 
 
 class LevelsAboveP5(nn.Module):
-    """P6 = conv3x3/2(res5) and, with two levels, P7 = conv3x3/2(relu(P6)), as official FCOS.
+    """P6 = conv3x3/2(res5) and, with two levels, P7 = conv3x3/2(relu(P6)), as MSAD's code.
 
     Like Detectron2's ``LastLevelP6P7`` (same parameter names, so checkpoints interchange), but
     also offers P6 alone for detectors whose coarsest level is P6 and would leave P7 unused.

@@ -43,8 +43,8 @@ IMAGE_HEIGHT_RANGE = (192, 256)
 IMAGE_WIDTH_RANGE = (192, 256)
 OBJECT_SIZE_RANGE = (6, 128)  # longest side in pixels, sampled log-uniformly
 OBJECTS_PER_IMAGE = (3, 10)
-MIN_VISIBLE_FRACTION = 0.35
-BACKGROUND_SATURATION = 0.35  # share of the background noise's colour that is kept  # more hidden than this and the object is not annotated
+MIN_VISIBLE_FRACTION = 0.35  # more hidden than this and the object is not annotated
+BACKGROUND_SATURATION = 0.35  # share of the background noise's colour that is kept
 
 
 def dataset_root():

@@ -25,6 +25,14 @@ def warmup_factor(iteration, warmup_iters):
     return 1.0 if warmup_iters <= 0 else min(1.0, iteration / warmup_iters)
 
 
+def freeze(model):
+    """Eval mode and no gradients: how every teacher is held."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 

@@ -8,12 +8,13 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
 from .config import add_msad_config
 from .data import register_coco_from_config
 from .env import has_compiled_ops, summary
-from .slimmable import load_checkpoint_file
+from .distill import freeze
+from .slimmable import load_state_dict_file
 
 logger = logging.getLogger("msad")
 
@@ -36,9 +37,17 @@ def has_checkpoint(cfg):
 class Trainer(DefaultTrainer):
     """Detectron2's trainer with a COCO evaluator that works with or without Detectron2's _C."""
 
+    trains_students = False  # students (with training_hooks) are trained by train_net_S.py
+
     @classmethod
     def check_config(cls, cfg, args):
         """Refuse a run that cannot work before anything is written to OUTPUT_DIR."""
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        is_student = hasattr(arch, "training_hooks")
+        if not args.eval_only and is_student != cls.trains_students:
+            script = "train_net_S.py" if is_student else "train_net_T.py"
+            raise ValueError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} is trained "
+                             f"by {script}")
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available "
                                "here; add 'MODEL.DEVICE cpu' to the command line")
@@ -66,8 +75,7 @@ def build_frozen_teacher(cfg):
     if not spec.WEIGHTS:
         raise ValueError("MODEL.MSAD.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
     teacher = build_model(teacher_cfg)
-    ckpt = load_checkpoint_file(spec.WEIGHTS, "MODEL.MSAD.TEACHER.WEIGHTS")
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    state = load_state_dict_file(spec.WEIGHTS, "MODEL.MSAD.TEACHER.WEIGHTS")
     expected = teacher.state_dict()
     missing = [k for k in expected if k not in state]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
@@ -78,9 +86,7 @@ def build_frozen_teacher(cfg):
             f"MODEL.MSAD.TEACHER.CONFIG_FILE={spec.CONFIG_FILE}: {len(missing)} missing keys "
             f"{missing[:3]}, {len(mismatched)} of another shape {mismatched[:3]}")
     teacher.load_state_dict({k: state[k] for k in expected})
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    freeze(teacher)
     logger.info("Frozen teacher %s from %s", type(teacher).__name__, spec.WEIGHTS)
     return teacher
 

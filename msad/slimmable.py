@@ -18,15 +18,22 @@ logger = logging.getLogger(__name__)
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 
-def load_checkpoint_file(path, what):
-    """``torch.load`` that cannot execute code, with errors that name the file."""
+def load_state_dict_file(path, what):
+    """The state_dict of a checkpoint (``{'model': ...}`` or bare), loaded without running code.
+
+    Errors name the file and the config key (`what`) that pointed to it.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what}: no such file {path}") from None
     except Exception as e:  # pickle errors, truncated files, refused globals
         raise RuntimeError(f"{what}: cannot load {path} as a weights-only checkpoint "
                            f"(it may be truncated, or contain code objects): {e}") from e
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path} holds no state_dict")
+    return state
 
 
 def slimmable_key_map(blocks_per_stage):
@@ -81,10 +88,7 @@ def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, tar
 
 def load_slimmable_resnet(resnet, path, width, width_list, blocks_per_stage):
     """Initialise a Detectron2 ResNet (width `width`) from a slimmable ImageNet checkpoint."""
-    ckpt = load_checkpoint_file(path, "MODEL.SLIMMABLE.PRETRAINED")
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"MODEL.SLIMMABLE.PRETRAINED: {path} holds no state_dict")
+    state = load_state_dict_file(path, "MODEL.SLIMMABLE.PRETRAINED")
     target = {k: v for k, v in resnet.state_dict().items() if not k.endswith("num_batches_tracked")}
     converted = convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, target)
     missing = sorted(set(target) - set(converted))

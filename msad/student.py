@@ -14,7 +14,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from .distill import IterationSchedule, aligned_feature_l1, warmup_factor
+from .distill import IterationSchedule, aligned_feature_l1, freeze, warmup_factor
 from .fcos import SingleScaleFCOS
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ class FrozenTeacherMixin:
                 "no level of the student aligns with a teacher level: the student's levels sit on "
                 f"full-resolution levels {self.in_features}, the teacher's MODEL.FCOS.IN_FEATURES "
                 f"are {list(teacher.in_features)}")
-        t_channels = teacher.head.cls_subnet[0].in_channels
-        s_channels = self.head.cls_subnet[0].in_channels
+        t_channels = teacher.backbone.output_shape()[teacher.levels[min(teacher.levels)][0]].channels
+        s_channels = self.backbone.output_shape()[self.levels[min(self.levels)][0]].channels
         if t_channels != s_channels:
             raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
                              f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
@@ -53,13 +53,10 @@ class FrozenTeacherMixin:
             raise TypeError("the teacher must be a separate msad detector, got "
                             f"{type(teacher).__name__}")
         self.check_teacher(teacher)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.__dict__["_teacher"] = teacher  # bypasses nn.Module registration on purpose
+        self.__dict__["_teacher"] = freeze(teacher)  # bypasses nn.Module registration on purpose
 
-    def teacher_outputs(self, batched_inputs):
-        """The teacher's distillation features and head outputs, without gradients."""
+    def teacher_outputs(self, batched_inputs, with_head=False):
+        """The teacher's distillation features (and head outputs), without gradients."""
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} needs a teacher to train: train_net_S.py "
                                "attaches the one named by MODEL.MSAD.TEACHER.CONFIG_FILE/WEIGHTS")
@@ -67,7 +64,7 @@ class FrozenTeacherMixin:
             self.teacher.eval()  # whatever train() calls happened since
             padded = self.teacher.preprocess_image(batched_inputs).tensor
             features = self.teacher.distillation_features(padded)
-            return features, self.teacher.head(features)
+            return features, self.teacher.head(features) if with_head else None
 
     def init_from_teacher(self):
         """Copy the teacher's tensors whose names the student shares (backbone, head)."""

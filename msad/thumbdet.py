@@ -146,8 +146,7 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         kwargs = cls.fcos_kwargs_from_config(cfg, backbone, spec.IN_FEATURES)
         # The thumbnail's P(l) sits on the grid of the full image's P(l + log2 factor).
         shift = level_shift(spec.FACTOR)
-        kwargs.update(in_features=[f"p{int(n[1:]) + shift}" for n in spec.IN_FEATURES],
-                      resample="bicubic")
+        kwargs["in_features"] = [f"p{int(n[1:]) + shift}" for n in spec.IN_FEATURES]
         learned = spec.DOWNSAMPLER == "learned"
         return dict(
             factor=spec.FACTOR,
@@ -214,7 +213,7 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         zero = features[0].sum() * 0.0
         if phase == 0:  # warm-up: no teacher pass needed for losses that are switched off
             return {"loss_kd": zero, "loss_mimic": zero}
-        t_features, t_predictions = self.teacher_outputs(batched_inputs)
+        t_features, t_predictions = self.teacher_outputs(batched_inputs, with_head=True)
         pairs = self.teacher_pairs(self.teacher)
         kd = sum(sigmoid_kd(predictions[0][i], t_predictions[0][j], self.kd_temperature,
                             self.kd_t_squared) for i, j in pairs) / len(pairs)

@@ -8,15 +8,9 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 def quickstart_cfg(name="teacher", *opts):
     """The (unfrozen) config of configs/quickstart/<name>.yaml with `opts` overrides."""
-    from detectron2.config import get_cfg
+    from msad.engine import load_config
 
-    from msad import add_msad_config
-
-    cfg = get_cfg()
-    add_msad_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
 
 
 @pytest.fixture

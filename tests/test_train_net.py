@@ -39,6 +39,16 @@ def test_eval_only_without_weights_is_refused(tmp_path):
     assert proc.returncode != 0 and "MODEL.WEIGHTS" in proc.stderr
 
 
+def test_each_script_trains_only_its_own_kind_of_model(tmp_path):
+    student = os.path.join(REPO, "configs", "quickstart", "student.yaml")
+    proc = train_net("--config-file", student, "OUTPUT_DIR", tmp_path / "s")
+    assert proc.returncode != 0 and "is trained by train_net_S.py" in proc.stderr
+    proc = train_net("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", tmp_path / "t",
+                     script="train_net_S.py")
+    assert proc.returncode != 0 and "is trained by train_net_T.py" in proc.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
 def test_an_empty_training_set_is_named(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}')

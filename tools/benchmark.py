@@ -11,11 +11,13 @@ images per second at --batch; peak memory of inference: CUDA peak allocated on a
 on the CPU.  --train adds the time and peak memory of one training step (forward, backward,
 SGD) at --batch; students get a
 teacher of their teacher's config, randomly initialised (its cost, not its accuracy, matters).
---compile, --channels-last and --amp (CUDA) are applied to every model and reported.  Weights
+--compile (inference only), --channels-last and --amp (CUDA) apply to every model and are
+reported.  Weights
 are random: speed does not depend on them.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -72,23 +74,18 @@ def timed(fn, device, runs, warmup):
     return times
 
 
-def build(config, device, channels_last, teacher=False):
+def build(config, device, channels_last):
     cfg = load_config(config, ["MODEL.DEVICE", device, "MODEL.SLIMMABLE.PRETRAINED", ""])
     model = build_model(cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if teacher is False or not cfg.MODEL.MSAD.TEACHER.CONFIG_FILE:
-        return cfg, model
-    teacher_model = build(os.path.join(REPO, cfg.MODEL.MSAD.TEACHER.CONFIG_FILE), device,
-                          channels_last)[1]
-    model.attach_teacher(teacher_model)
     return cfg, model
 
 
 def measure_one(args):
     """Measure args.one in this process; print one JSON line."""
     device = args.device
-    cfg, model = build(args.one, device, args.channels_last, teacher=args.train)
+    cfg, model = build(args.one, device, args.channels_last)
     model.eval()
     run = model
     if args.compile:
@@ -103,11 +100,14 @@ def measure_one(args):
     result = {
         "config": args.one, "model": cfg.MODEL.META_ARCHITECTURE,
         "latency_ms_median": 1000 * statistics.median(latency),
-        "latency_ms_p90": 1000 * sorted(latency)[int(0.9 * (len(latency) - 1))],
+        "latency_ms_p90": 1000 * sorted(latency)[math.ceil(0.9 * len(latency)) - 1],
         "images_per_s": args.batch / statistics.median(throughput),
         "peak_memory_mb": peak_memory_mb(device),  # inference, before any training step
     }
     if args.train:
+        if cfg.MODEL.MSAD.TEACHER.CONFIG_FILE:  # built now: the inference peak is the student's
+            model.attach_teacher(build(os.path.join(REPO, cfg.MODEL.MSAD.TEACHER.CONFIG_FILE),
+                                       device, args.channels_last)[1])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model.train()
@@ -183,7 +183,7 @@ def main():
     header = f"{'config':<40}" + "".join(f"{label:>11}{'ratio':>7}" for _, label in keys)
     print(header + "\n" + "-" * len(header))
     for r in results:
-        cells = "".join(f"{r[k]:11.3g}{r[k] / base[k]:7.2f}" for k, _ in keys)
+        cells = "".join(f"{r[k]:11.2f}{r[k] / base[k]:7.2f}" for k, _ in keys)
         print(f"{os.path.relpath(r['config'], REPO)[:39]:<40}{cells}")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -97,8 +97,9 @@ def model_macs(model, size):
     parts = Counter()
 
     def branch(image, levels):
-        parts["backbone"] += count_macs(model.backbone.bottom_up, image)
-        parts["fpn"] += count_macs(model.backbone, image) - count_macs(model.backbone.bottom_up, image)
+        resnet = count_macs(model.backbone.bottom_up, image)
+        parts["backbone"] += resnet
+        parts["fpn"] += count_macs(model.backbone, image) - resnet
         with torch.no_grad():
             features = model.backbone(image)
         return [features[name] for name in levels]

@@ -20,17 +20,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def last_ap(output_dir):
+def last_bbox_metrics(output_dir):
+    """The last COCO box metrics Detectron2's EvalHook wrote into output_dir/metrics.json."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
-        raise SystemExit(f"plot_ap_vs_cost: no metrics.json in {output_dir}")
-    ap = None
+        raise SystemExit(f"no metrics.json in {output_dir}")
+    found = None
     with open(path) as f:
         for line in f:
-            ap = json.loads(line).get("bbox/AP", ap)
-    if ap is None:
-        raise SystemExit(f"plot_ap_vs_cost: {path} holds no bbox/AP (was the model evaluated?)")
-    return ap
+            row = json.loads(line)
+            if "bbox/AP" in row:
+                found = row
+    if found is None:
+        raise SystemExit(f"{path} holds no bbox/AP (was the model evaluated?)")
+    return {k[len("bbox/"):]: v for k, v in found.items() if k.startswith("bbox/")}
 
 
 def points_from_runs(runs, costs_file, latency_file=None):
@@ -47,7 +50,8 @@ def points_from_runs(runs, costs_file, latency_file=None):
                              f"({sorted(costs)})")
         config = os.path.normpath(costs[name]["config"])
         ms = next((v for k, v in latency.items() if k.endswith(config)), None)
-        points.append({"model": name, "AP": last_ap(output_dir), "gmacs": costs[name]["total"],
+        points.append({"model": name, "AP": last_bbox_metrics(output_dir)["AP"],
+                       "gmacs": costs[name]["total"],
                        "ms_per_image": ms})
     return points
 

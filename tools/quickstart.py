@@ -43,8 +43,8 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 import msad  # noqa: E402,F401
 from msad.engine import load_config  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
-from plot_ap_vs_cost import plot  # noqa: E402
-from thumbnails import write_comparisons  # noqa: E402
+from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
+from thumbnails import titled, write_comparisons  # noqa: E402
 
 # (name, shown as, training script, config, {config key: stage whose model_final.pth it takes});
 # a stage comes after the stages it takes weights from.
@@ -98,18 +98,9 @@ def train(index, name, script, config, opts, log_path, progress):
 
 
 def final_metrics(output_dir):
-    """The last COCO bbox metrics Detectron2's EvalHook wrote into metrics.json."""
-    found = None
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "bbox/AP" in row:
-                found = row
-    if found is None:
-        raise SystemExit(f"quickstart: no bbox metrics in {output_dir}/metrics.json")
-    # COCOeval gives NaN for a size class absent from the split; JSON has no NaN.
-    return {k.split("/")[1]: None if found[k] != found[k] else found[k]
-            for k in ("bbox/AP", "bbox/APs", "bbox/APm", "bbox/APl")}
+    """AP, AP_S/M/L of the model's last evaluation; None for a size class the split lacks."""
+    found = last_bbox_metrics(output_dir)
+    return {k: None if found[k] != found[k] else found[k] for k in ("AP", "APs", "APm", "APl")}
 
 
 def load_model(config, opts, weights):
@@ -151,10 +142,7 @@ def panel(image_rgb, metadata, title, instances=None, boxes=None, labels=None):
         canvas = canvas.draw_instance_predictions(instances)
     else:
         canvas = canvas.overlay_instances(boxes=boxes, labels=labels)
-    picture = canvas.get_image()
-    bar = np.full((28, picture.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([bar, picture])
+    return titled(canvas.get_image(), title)
 
 
 def grid(panels, columns):
@@ -181,9 +169,16 @@ def main():
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides for every stage, e.g. SOLVER.MAX_ITER 300")
     args = parser.parse_args()
+    if args.timing_images < 3:
+        parser.error(f"--timing-images must be at least 3 (two are warm-up), got {args.timing_images}")
+    args.output = os.path.abspath(args.output)  # the training scripts run from the repository
     os.makedirs(args.output, exist_ok=True)
+
+    def trained(name):
+        return args.reuse_trained and os.path.isfile(os.path.join(args.output, name, "model_final.pth"))
+
     total_iters = sum(load_config(os.path.join(REPO, stage[3]), args.overrides).SOLVER.MAX_ITER
-                      for stage in STAGES)
+                      for stage in STAGES if not trained(stage[0]))
     done = {"iters": 0, "seconds": 0.0}
     job_start = time.time()
 
@@ -196,9 +191,8 @@ def main():
               flush=True)
 
     for index, (name, label, script, config, _) in enumerate(STAGES, 1):
-        if args.reuse_trained and os.path.isfile(os.path.join(args.output, name, "model_final.pth")):
+        if trained(name):
             print(f"[{index}/{len(STAGES)} {name}] reusing {args.output}/{name}", flush=True)
-            total_iters -= load_config(os.path.join(REPO, config), args.overrides).SOLVER.MAX_ITER
             continue
         print(f"[{index}/{len(STAGES)} {name}] training {label} ({config})", flush=True)
         seconds, iters = train(index, name, script, config,
@@ -239,13 +233,14 @@ def main():
     print(table)
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump({"rows": rows, "device": cfg.MODEL.DEVICE, "torch_threads": torch.get_num_threads(),
-                   "val_images": len(val), "timing_images": args.timing_images - 2}, f, indent=2)
+                   "val_images": len(val),
+                   "timing_images": min(args.timing_images, len(val)) - 2}, f, indent=2)
     picture = os.path.join(args.output, "detections.png")
     cv2.imwrite(picture, cv2.cvtColor(grid(panels, columns=4), cv2.COLOR_RGB2BGR))
-    _, thumbdet = load_model("configs/quickstart/thumbdet_4x.yaml",
+    thumbdet_cfg, thumbdet = load_model("configs/quickstart/thumbdet_4x.yaml",
                              stage_opts("thumbdet_4x", args.output, args.overrides),
                              os.path.join(args.output, "thumbdet_4x", "model_final.pth"))
-    thumbnails = write_comparisons(thumbdet, val[:2], args.output)
+    thumbnails = write_comparisons(thumbdet, val[:2], args.output, thumbdet_cfg.INPUT.FORMAT)
     plots = plot(rows, os.path.join(args.output, "ap_vs_cost"),
                  f"Quickstart models on msad_synth_val (CPU, {torch.get_num_threads()} threads)")
     print(f"Wrote {args.output}/summary.json, {picture}, {', '.join(thumbnails)} and "

@@ -39,15 +39,20 @@ def titled(image_rgb, title):
     return np.vstack([bar, image_rgb])
 
 
-def compare(model, image_rgb):
-    """One RGB picture: the source, its bicubic and its learned thumbnail, equally large."""
+def compare(model, image_rgb, input_format="RGB"):
+    """One RGB picture: the source, its bicubic and its learned thumbnail, equally large.
+
+    The model is fed the image in its INPUT.FORMAT; the thumbnails are shown in RGB.
+    """
     if getattr(model, "downsampler", None) is None:
         raise ValueError(f"{type(model).__name__} has no learned down-sampler to show "
                          "(use a ThumbDet config with MODEL.THUMBDET.DOWNSAMPLER learned)")
     h, w = image_rgb.shape[:2]
     f = model.factor
     size = (w * DISPLAY_SCALE, h * DISPLAY_SCALE)
-    image = torch.as_tensor(np.ascontiguousarray(image_rgb.transpose(2, 0, 1)), dtype=torch.float32)
+    model_input = image_rgb if input_format == "RGB" else image_rgb[:, :, ::-1]
+    image = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1)),
+                            dtype=torch.float32)
     with torch.no_grad():
         unit = model.unit_range(model.preprocess_image([{"image": image}]).tensor)
         thumbs = {"bicubic": downsample(unit, f, "bicubic"), "learned": model.thumbnail(unit)}
@@ -56,16 +61,18 @@ def compare(model, image_rgb):
     th, tw = math.ceil(h / f), math.ceil(w / f)
     for name, thumb in thumbs.items():
         pixels = (thumb[0, :, :th, :tw].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        if input_format != "RGB":
+            pixels = np.ascontiguousarray(pixels[:, :, ::-1])
         panels.append(titled(cv2.resize(pixels, size, interpolation=cv2.INTER_NEAREST),
                              f"{name} {f}x: {tw}x{th}"))
     return np.hstack(panels)
 
 
-def write_comparisons(model, dataset_dicts, output_dir):
+def write_comparisons(model, dataset_dicts, output_dir, input_format="RGB"):
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for d in dataset_dicts:
-        picture = compare(model, read_image(d["file_name"], format="RGB"))
+        picture = compare(model, read_image(d["file_name"], format="RGB"), input_format)
         path = os.path.join(output_dir, f"thumbnails_{d['image_id']}.png")
         cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         paths.append(path)
@@ -86,7 +93,8 @@ def main():
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(args.weights)
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_images]
-    for path in write_comparisons(model, dicts, args.output or os.path.dirname(args.weights)):
+    for path in write_comparisons(model, dicts, args.output or os.path.dirname(args.weights),
+                                  cfg.INPUT.FORMAT):
         print(path)
 
 
