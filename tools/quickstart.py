@@ -27,8 +27,10 @@ import cv2
 import numpy as np
 import torch
 
-# fvcore's focal loss is scripted at import, which this torch flags as deprecated.
+# fvcore's focal loss is scripted at import, which this torch flags as deprecated, and
+# Detectron2's anchor generator calls torch.meshgrid without `indexing`: noise, not news.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*torch.meshgrid.*", category=UserWarning)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
