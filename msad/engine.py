@@ -34,10 +34,53 @@ def has_checkpoint(cfg):
     return os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
 
 
+def write_atomically(path, mode, write):
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`.
+
+    A process killed meanwhile leaves the previous `path` (or none), never a truncated one.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer, writing each checkpoint and ``last_checkpoint`` atomically."""
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(), **kwargs}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        write_atomically(path, "wb", lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        write_atomically(os.path.join(self.save_dir, "last_checkpoint"), "w",
+                         lambda f: f.write(last_filename_basename))
+
+
 class Trainer(DefaultTrainer):
-    """Detectron2's trainer with a COCO evaluator that works with or without Detectron2's _C."""
+    """Detectron2's trainer with a COCO evaluator that works with or without Detectron2's _C,
+    and checkpoints that a kill during saving cannot truncate."""
 
     trains_students = False  # students (with training_hooks) are trained by train_net_S.py
+
+    def build_hooks(self):
+        # DefaultTrainer made its checkpointer just before this call; the hooks must get ours.
+        self.checkpointer = AtomicCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR,
+                                               **self.checkpointer.checkpointables)
+        return super().build_hooks()
 
     @classmethod
     def check_config(cls, cfg, args):
