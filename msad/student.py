@@ -3,9 +3,10 @@
 ``MSADStudent`` is an FCOS on the LR image, distilled from a frozen multi-scale teacher: exactly
 the low-resolution single-scale FCOS (LR levels P2-P6 of the 1/f copy, trained against the HR
 ground truth at HR strides) plus an L1 pull of its FPN levels towards the teacher's fused
-features at the aligned levels (all five; a lighter student on LR P3-P7 shares four).  ``FrozenTeacherMixin`` (shared with ThumbDet) keeps the teacher
-outside the module tree: it is not in the student's state_dict, optimizer or DDP wrapper, it
-stays in eval mode, and inference never touches it.
+features at the aligned levels (all five; a lighter student on LR P3-P7 shares four).
+``FrozenTeacherMixin`` (shared with ThumbDet) keeps the teacher outside the module tree: it is
+not in the student's state_dict, optimizer or DDP wrapper, it stays in eval mode, and inference
+never touches it.
 """
 import logging
 from functools import partial
