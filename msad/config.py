@@ -13,6 +13,10 @@ def add_msad_config(cfg):
     # Extra COCO-format datasets to register before training, each [name, json_file, image_root];
     # then name them in DATASETS.TRAIN / DATASETS.TEST.
     _C.DATASETS.COCO_INSTANCES = []
+    # A training image that is missing, truncated, not an image or of another size than its
+    # record: "raise" stops the run naming the file; "skip" leaves it out and counts it in the
+    # log (msad/input_checks.py).  Evaluation always stops, since skipping changes the metrics.
+    _C.DATALOADER.BAD_IMAGES = "raise"
 
     # ---- Slimmable ResNet + FPN backbone (msad/backbone.py, msad/slimmable.py) ---------
     _C.MODEL.SLIMMABLE = CN()

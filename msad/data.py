@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,24 @@ def ensure_split(spec: SplitSpec, root=None):
     return json_file, image_dir
 
 
+def load_coco_checked(json_file, image_root, name):
+    """Detectron2's ``load_coco_json``, with a malformed file named in the error."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"dataset {name}: no such file {json_file}")
+    try:
+        return load_coco_json(json_file, image_root, name)
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def register_coco_checked(name, json_file, image_root):
+    """``register_coco_instances`` for a COCO-format file, loaded by :func:`load_coco_checked`."""
+    DatasetCatalog.register(name, lambda: load_coco_checked(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                  evaluator_type="coco")
+
+
 def register_synthetic(root=None):
     """Register ``msad_synth_{train,val}``; their files are generated when first loaded."""
     for spec in SPLITS:
@@ -194,21 +212,29 @@ def register_synthetic(root=None):
 
         def load(spec=spec, name=name):
             json_file, image_dir = ensure_split(spec, root)
-            return load_coco_json(json_file, image_dir, name)
+            return load_coco_checked(json_file, image_dir, name)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(json_file=json_file, image_root=image_dir,
                                       evaluator_type="coco", thing_classes=list(CLASSES))
 
 
+def check_coco_instances_entry(entry):
+    """One ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``, checked."""
+    if len(entry) != 3:
+        raise ValueError(f"DATASETS.COCO_INSTANCES entry {entry!r} must be "
+                         "[name, json_file, image_root]")
+    name, json_file, image_root = entry
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such file {json_file}")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such directory {image_root}")
+    return entry
+
+
 def register_coco_from_config(cfg):
     """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
     for entry in cfg.DATASETS.COCO_INSTANCES:
-        if len(entry) != 3:
-            raise ValueError(f"DATASETS.COCO_INSTANCES entry {entry!r} must be "
-                             "[name, json_file, image_root]")
-        name, json_file, image_root = entry
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such file {json_file}")
+        name, json_file, image_root = check_coco_instances_entry(entry)
         if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
+            register_coco_checked(name, json_file, image_root)

@@ -1,20 +1,28 @@
 """What train_net_T.py and train_net_S.py share: config set-up, the Trainer, teacher loading."""
 import logging
 import os
+import tempfile
+import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.data import (DatasetCatalog, build_detection_test_loader,
+                             build_detection_train_loader, get_detection_dataset_dicts)
+from detectron2.data.build import filter_images_with_only_crowd_annotations
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
+                               create_ddp_model, default_setup)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
+from .backbone import check_width
+from .checkpoint import SafeCheckpointer, load_state_dict_file
 from .config import add_msad_config
-from .data import register_coco_from_config
-from .env import has_compiled_ops, summary
+from .data import check_coco_instances_entry, register_coco_from_config
 from .distill import freeze
-from .slimmable import load_state_dict_file
+from .env import has_compiled_ops, summary
+from .input_checks import CheckedDatasetMapper, check_bad_image_policy, check_training_records
 
 logger = logging.getLogger("msad")
 
@@ -34,53 +42,44 @@ def has_checkpoint(cfg):
     return os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
 
 
-def write_atomically(path, mode, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`.
-
-    A process killed meanwhile leaves the previous `path` (or none), never a truncated one.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
+def check_writable(directory, what):
+    """Create `directory` if needed and prove a file can be written there."""
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class AtomicCheckpointer(DetectionCheckpointer):
-    """Detectron2's checkpointer, writing each checkpoint and ``last_checkpoint`` atomically."""
-
-    def save(self, name, **kwargs):
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict(), **kwargs}
-        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
-        basename = f"{name}.pth"
-        path = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to %s", path)
-        write_atomically(path, "wb", lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename):
-        write_atomically(os.path.join(self.save_dir, "last_checkpoint"), "w",
-                         lambda f: f.write(last_filename_basename))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{what}={directory} is not a writable directory: {e}") from None
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's trainer with a COCO evaluator that works with or without Detectron2's _C,
-    and checkpoints that a kill during saving cannot truncate."""
+    """Detectron2's trainer with checked data, safe checkpoints, CPU multi-process training and
+    a COCO evaluator that works with or without Detectron2's _C."""
 
     trains_students = False  # students (with training_hooks) are trained by train_net_S.py
 
-    def build_hooks(self):
-        # DefaultTrainer made its checkpointer just before this call; the hooks must get ours.
-        self.checkpointer = AtomicCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR,
-                                               **self.checkpointer.checkpointables)
-        return super().build_hooks()
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ with two differences: DDP gets device_ids only for a CUDA
+        # model (Detectron2 passes [local_rank], which DDP refuses for a CPU model, so CPU
+        # training in several processes failed), and the checkpointer is SafeCheckpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 device_ids=[comm.get_local_rank()] if on_cuda else None)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def check_config(cls, cfg, args):
@@ -94,11 +93,42 @@ class Trainer(DefaultTrainer):
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available "
                                "here; add 'MODEL.DEVICE cpu' to the command line")
+        if cfg.MODEL.BACKBONE.NAME == "build_slimmable_resnet_fpn_backbone":
+            check_width(cfg.MODEL.SLIMMABLE.WIDTH, cfg.MODEL.SLIMMABLE.WIDTH_LIST)
         if args.resume and not has_checkpoint(cfg):
             raise FileNotFoundError(f"--resume: no checkpoint in OUTPUT_DIR={cfg.OUTPUT_DIR} "
                                     "(no last_checkpoint file); drop --resume to start afresh")
+        if not args.resume and not args.eval_only and has_checkpoint(cfg):
+            raise FileExistsError(
+                f"OUTPUT_DIR={cfg.OUTPUT_DIR} holds the checkpoints of an earlier run, which a "
+                "fresh run would overwrite: add --resume to continue it, or choose another "
+                "OUTPUT_DIR")
         if args.eval_only and not args.resume and not cfg.MODEL.WEIGHTS:
             raise ValueError("--eval-only needs the weights to evaluate: add MODEL.WEIGHTS <file>")
+        weights = cfg.MODEL.WEIGHTS
+        if weights and "://" not in weights and not os.path.isfile(weights):
+            raise FileNotFoundError(f"MODEL.WEIGHTS: no such file {weights}")
+        for entry in cfg.DATASETS.COCO_INSTANCES:
+            check_coco_instances_entry(entry)
+        check_bad_image_policy(cfg.DATALOADER.BAD_IMAGES)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # Detectron2's loader over records whose files and boxes were checked first
+        # (msad/input_checks.py); empty images are dropped after the bad boxes are.
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        dicts = check_training_records(dicts, cfg.DATALOADER.BAD_IMAGES)
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            dicts = filter_images_with_only_crowd_annotations(dicts)
+        if not dicts:
+            raise ValueError(f"DATASETS.TRAIN={cfg.DATASETS.TRAIN}: no image with a usable box")
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True),
+                                            dataset=dicts)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name,
+                                           mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -139,6 +169,7 @@ def setup(args, trainer_cls=Trainer):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     trainer_cls.check_config(cfg, args)
+    check_writable(cfg.OUTPUT_DIR, "OUTPUT_DIR")  # last: it creates OUTPUT_DIR
     register_coco_from_config(cfg)
     default_setup(cfg, args)
     logger.info("Environment:\n%s", summary())
@@ -150,7 +181,7 @@ def run(args, trainer_cls=Trainer):
     cfg = setup(args, trainer_cls)
     if args.eval_only:
         model = trainer_cls.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         return trainer_cls.test(cfg, model)
     trainer = trainer_cls(cfg)

@@ -11,29 +11,11 @@ with.  ``classifier.*`` is the ImageNet head and is dropped.
 """
 import logging
 
-import torch
+from .checkpoint import load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
-
-
-def load_state_dict_file(path, what):
-    """The state_dict of a checkpoint (``{'model': ...}`` or bare), loaded without running code.
-
-    Errors name the file and the config key (`what`) that pointed to it.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what}: no such file {path}") from None
-    except Exception as e:  # pickle errors, truncated files, refused globals
-        raise RuntimeError(f"{what}: cannot load {path} as a weights-only checkpoint "
-                           f"(it may be truncated, or contain code objects): {e}") from e
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{what}: {path} holds no state_dict")
-    return state
 
 
 def slimmable_key_map(blocks_per_stage):

@@ -6,13 +6,13 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-import msad.engine as engine
+import msad.checkpoint as checkpoint_module
 from conftest import quickstart_cfg
-from msad.slimmable import load_state_dict_file
+from msad.checkpoint import SafeCheckpointer, load_state_dict_file
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    checkpointer = engine.AtomicCheckpointer(build_model(quickstart_cfg("teacher")), str(tmp_path))
+    checkpointer = SafeCheckpointer(build_model(quickstart_cfg("teacher")), str(tmp_path))
     checkpointer.save("model_0000009")
     good = (tmp_path / "model_0000009.pth").read_bytes()
 
@@ -20,7 +20,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # as a kill would stop the write
 
-    monkeypatch.setattr(engine.torch, "save", killed_midway)
+    monkeypatch.setattr(checkpoint_module.torch, "save", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save("model_0000009")
     with pytest.raises(KeyboardInterrupt):

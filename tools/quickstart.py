@@ -17,6 +17,7 @@ import json
 import os
 import re
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,6 @@ warnings.filterwarnings("ignore", message=".*torch.meshgrid.*", category=UserWar
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -43,6 +43,7 @@ from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
+from msad.checkpoint import SafeCheckpointer  # noqa: E402
 from msad.engine import load_config  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
@@ -108,7 +109,7 @@ def final_metrics(output_dir):
 def load_model(config, opts, weights):
     cfg = load_config(os.path.join(REPO, config), opts)
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    SafeCheckpointer(model).load(weights)
     return cfg, model
 
 
@@ -197,6 +198,8 @@ def main():
             print(f"[{index}/{len(STAGES)} {name}] reusing {args.output}/{name}", flush=True)
             continue
         print(f"[{index}/{len(STAGES)} {name}] training {label} ({config})", flush=True)
+        # The stage's directory is this job's own output: a rerun replaces it.
+        shutil.rmtree(os.path.join(args.output, name), ignore_errors=True)
         seconds, iters = train(index, name, script, config,
                                stage_opts(name, args.output, args.overrides),
                                os.path.join(args.output, f"{name}.log"), progress)

@@ -21,13 +21,13 @@ import torch
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import msad  # noqa: E402,F401
 from msad.alignment import downsample  # noqa: E402
+from msad.checkpoint import SafeCheckpointer  # noqa: E402
 from msad.engine import load_config  # noqa: E402
 
 DISPLAY_SCALE = 2  # the source is shown at twice its size
@@ -91,7 +91,7 @@ def main():
     if not os.path.isfile(args.weights):
         parser.error(f"--weights: no such file {args.weights}")
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(args.weights)
+    SafeCheckpointer(model).load(args.weights)
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_images]
     for path in write_comparisons(model, dicts, args.output or os.path.dirname(args.weights),
                                   cfg.INPUT.FORMAT):

@@ -1,0 +1,139 @@
+"""Checkpoints that a kill cannot truncate, and weights files that cannot run code when loaded.
+
+Every file this project reads weights from (MODEL.WEIGHTS, a resumed checkpoint, the teacher,
+the slimmable ImageNet checkpoint) goes through ``torch.load(weights_only=True)`` or, for
+Detectron2's ``.pkl`` model-zoo format, an unpickler that only rebuilds numpy arrays.
+"""
+import os
+import pickle
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+
+def write_atomically(path, mode, write):
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`.
+
+    A process killed meanwhile leaves the previous `path` (or none), never a truncated one.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds dicts of numpy arrays (Detectron2 / Caffe2 ``.pkl`` weights) and nothing else."""
+
+    ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: a weights "
+                                         "file holds arrays only")
+        return super().find_class(module, name)
+
+
+def _load_weights(path):
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights_file(path, what):
+    """The object in a weights file, loaded without running code.  Errors name `path` and `what`,
+    the config key or option that pointed to it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file {path}")
+    try:
+        return _load_weights(path)
+    except Exception as e:  # pickle errors, truncated files, refused globals
+        raise RuntimeError(f"{what}: cannot load {path} as a weights-only checkpoint "
+                           f"(it may be truncated, or contain code objects): {e}") from e
+
+
+def load_state_dict_file(path, what):
+    """The state_dict of a checkpoint (``{'model': ...}`` or bare), loaded without running code."""
+    ckpt = load_weights_file(path, what)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path} holds no state_dict")
+    return state
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer, writing each checkpoint and ``last_checkpoint`` atomically,
+    loading weights only, and refusing a checkpoint made for another model.
+
+    Detectron2 only warns when a checkpoint's tensors have other shapes (another width) or none
+    of its keys fit (another architecture), and goes on with a half-initialised model; here
+    that is an error naming the file.  Missing keys and a classifier for another number of
+    classes are still only logged, so a backbone-only, a teacher or a COCO checkpoint can start
+    a detector.
+    """
+
+    source = "MODEL.WEIGHTS"
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(), **kwargs}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        write_atomically(path, "wb", lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        write_atomically(os.path.join(self.save_dir, "last_checkpoint"), "w",
+                         lambda f: f.write(last_filename_basename))
+
+    def resume_or_load(self, path, *, resume=True):
+        if resume and self.has_checkpoint():
+            self.source = f"--resume ({os.path.join(self.save_dir, 'last_checkpoint')})"
+        return super().resume_or_load(path, resume=resume)
+
+    def load(self, path, *args, **kwargs):
+        self._path = path
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        loaded = load_weights_file(filename, self.source)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{self.source}: {filename} holds no state_dict")
+        if filename.endswith(".pkl"):
+            if "model" in loaded and "__author__" in loaded:  # Detectron2 model-zoo format
+                return loaded
+            weights = loaded.get("blobs", loaded)  # Caffe2 detection / ImageNet models
+            weights = {k: v for k, v in weights.items() if not k.endswith("_momentum")}
+            return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _load_model(self, checkpoint):
+        model_keys = set(self.model.state_dict())
+        checkpoint_keys = {k.removeprefix("module.") for k in checkpoint["model"]}
+        if not checkpoint.get("matching_heuristics") and not model_keys & checkpoint_keys:
+            raise ValueError(
+                f"{self.source}: {self._path} is a checkpoint of another architecture: none of "
+                f"its {len(checkpoint_keys)} tensors (e.g. {sorted(checkpoint_keys)[:2]}) is a "
+                f"parameter of {type(self.model).__name__}")
+        incompatible = super()._load_model(checkpoint)
+        # Another number of classes only changes the classifier, which is then trained afresh
+        # (fine-tuning, as in Detectron2); any other shape means another model.
+        wrong = [f"{k}: checkpoint {c}, model {m}" for k, c, m in incompatible.incorrect_shapes
+                 if ".cls_score." not in f".{k}"]
+        if wrong:
+            raise ValueError(
+                f"{self.source}: {self._path} does not fit this model (another width or "
+                f"architecture?): {len(wrong)} tensors of another shape, e.g. {wrong[:3]}")
+        return incompatible
