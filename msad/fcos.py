@@ -19,10 +19,20 @@ from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .alignment import aligned_levels, check_alignment, downsample, normalize_and_pad
+
+
+def sum_over_processes(value: float, device) -> float:
+    """`value` summed over the processes of a distributed run (itself in a single process)."""
+    if comm.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item()
 
 
 class ScaledFCOSHead(FCOSHead):
@@ -126,12 +136,16 @@ class AlignedFCOS(FCOS):
     def _ema_update(self, name, value, initial_value, momentum=0.9):
         # Detectron2 normalises losses by an EMA of the positive count, updated at each call of
         # `losses`.  Branches of one step (HR, LR, fused) see the same targets, so they share
-        # one normaliser: the EMA moves once per training iteration.
+        # one normaliser: the EMA moves once per training iteration.  Across processes the
+        # count is summed and the normaliser divided by their number (Detectron2 keeps one EMA
+        # per process from a start value that does not scale), so the loss and its gradient do
+        # not depend on how the batch is split.
         step = get_event_storage().iter
-        if self._ema_steps.get(name) == step:
-            return getattr(self, name)
-        self._ema_steps[name] = step
-        return super()._ema_update(name, value, initial_value, momentum)
+        if self._ema_steps.get(name) != step:
+            self._ema_steps[name] = step
+            super()._ema_update(name, sum_over_processes(value, self.device), initial_value,
+                                momentum)
+        return getattr(self, name) / comm.get_world_size()
 
     def forward_inference(self, images, features, predictions):
         logits, deltas, ctrness = self._transpose_dense_predictions(

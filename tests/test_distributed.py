@@ -1,0 +1,73 @@
+"""Training in 2 CPU processes through Detectron2's launch (gloo) equals training in 1.
+
+Same total batch (4 images: 2 per process), same seed, no flips, no loader workers, and
+frozen BatchNorm in the ResNet: plain BN normalises by each process's own images, and
+Detectron2's CPU-capable naiveSyncBN, though it syncs the statistics, computes the variance as
+E[x^2] - E[x]^2, whose rounding differs from one-process BN enough to move near-constant channels.
+Three iterations: DDP would stop at the second if any parameter had no gradient
+(find_unused_parameters is off), and the weights after three updates show that the gradients
+were the same.
+"""
+import json
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conftest import REPO, quickstart_cfg
+from msad.checkpoint import SafeCheckpointer
+from test_train_net import train_net
+
+SAME_BATCH = ["SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.CHECKPOINT_PERIOD", 100,
+              "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", 0,
+              "DATALOADER.ASPECT_RATIO_GROUPING", False, "INPUT.RANDOM_FLIP", "none", "SEED", 7,
+              "MODEL.RESNETS.NORM", "FrozenBN"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Untrained teacher checkpoints: a frozen teacher needs weights, not good ones."""
+    out = tmp_path_factory.mktemp("teachers")
+    for name in ("teacher", "hr_baseline"):
+        SafeCheckpointer(build_model(quickstart_cfg(name)), str(out)).save(name)
+    return out
+
+
+CASES = {
+    "teacher": ("train_net_T.py", []),
+    "student": ("train_net_S.py", ["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/teacher.pth",
+                                   "MODEL.MSAD.KD_WARMUP_ITERS", 0]),
+    # Warm-up (statistics loss only) for the first iteration, detection and distillation after.
+    "thumbdet_4x": ("train_net_S.py", ["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/hr_baseline.pth",
+                                       "MODEL.THUMBDET.WARMUP_ITERS", 1]),
+}
+
+
+def train(name, processes, out, teachers):
+    script, extra = CASES[name]
+    extra = [str(v).format(teachers=teachers) for v in extra]
+    proc = train_net("--num-gpus", processes, "--dist-url", "auto", "--config-file",
+                     os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"),
+                     *SAME_BATCH, *extra, "OUTPUT_DIR", out, script=script)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"World size: {processes}" in proc.stdout + proc.stderr
+    with open(out / "metrics.json") as f:
+        metrics = [json.loads(line) for line in f][-1]
+    return metrics, torch.load(out / "model_final.pth", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_train_like_one(name, tmp_path, teachers):
+    one, w1 = train(name, 1, tmp_path / "one", teachers)
+    two, w2 = train(name, 2, tmp_path / "two", teachers)
+    assert one["iteration"] == two["iteration"] == 2
+    losses = [k for k in one if k.startswith("loss_") or k == "total_loss"]
+    assert losses and set(losses) <= set(two)
+    for key in losses:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    assert set(w1) == set(w2)
+    trained = [k for k in w1 if w1[k].is_floating_point() and "running_" not in k]
+    moved = max((w1[k] - w2[k]).abs().max().item() for k in trained)
+    assert moved < 1e-5
