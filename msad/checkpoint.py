@@ -4,6 +4,7 @@ Every file this project reads weights from (MODEL.WEIGHTS, a resumed checkpoint,
 the slimmable ImageNet checkpoint) goes through ``torch.load(weights_only=True)`` or, for
 Detectron2's ``.pkl`` model-zoo format, an unpickler that only rebuilds numpy arrays.
 """
+import glob
 import os
 import pickle
 
@@ -11,12 +12,15 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 
+TEMPORARY_SUFFIX = ".tmp-"  # + the writing process's id
+
+
 def write_atomically(path, mode, write):
     """Call write(file) on a temporary file beside `path`, then rename it to `path`.
 
     A process killed meanwhile leaves the previous `path` (or none), never a truncated one.
     """
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{TEMPORARY_SUFFIX}{os.getpid()}"
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -26,6 +30,16 @@ def write_atomically(path, mode, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -99,9 +113,19 @@ class SafeCheckpointer(DetectionCheckpointer):
                          lambda f: f.write(last_filename_basename))
 
     def resume_or_load(self, path, *, resume=True):
+        if self.save_dir and self.save_to_disk:
+            self.remove_temporaries_of_killed_runs()
         if resume and self.has_checkpoint():
             self.source = f"--resume ({os.path.join(self.save_dir, 'last_checkpoint')})"
         return super().resume_or_load(path, resume=resume)
+
+    def remove_temporaries_of_killed_runs(self):
+        """Delete the temporary files of saves that a kill interrupted (their process is gone)."""
+        for path in glob.glob(os.path.join(glob.escape(self.save_dir), f"*{TEMPORARY_SUFFIX}*")):
+            pid = path.rsplit(TEMPORARY_SUFFIX, 1)[1]
+            if pid.isdigit() and not _is_running(int(pid)):
+                os.remove(path)
+                self.logger.info("Removed %s, left by a run killed while saving", path)
 
     def load(self, path, *args, **kwargs):
         self._path = path

@@ -13,6 +13,19 @@ def quickstart_cfg(name="teacher", *opts):
     return load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
 
 
+@pytest.fixture(scope="session")
+def untrained_teachers(tmp_path_factory):
+    """Randomly initialised quickstart teacher and HR FCOS checkpoints (teacher.pth,
+    hr_baseline.pth): a frozen teacher needs weights, not good ones."""
+    from detectron2.modeling import build_model
+    from msad.checkpoint import SafeCheckpointer
+
+    out = tmp_path_factory.mktemp("teachers")
+    for name in ("teacher", "hr_baseline"):
+        SafeCheckpointer(build_model(quickstart_cfg(name)), str(out)).save(name)
+    return out
+
+
 @pytest.fixture
 def cfg():
     return quickstart_cfg()

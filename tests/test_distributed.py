@@ -13,25 +13,14 @@ import os
 
 import pytest
 import torch
-from detectron2.modeling import build_model
 
-from conftest import REPO, quickstart_cfg
-from msad.checkpoint import SafeCheckpointer
+from conftest import REPO
 from test_train_net import train_net
 
 SAME_BATCH = ["SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.CHECKPOINT_PERIOD", 100,
               "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", 0,
               "DATALOADER.ASPECT_RATIO_GROUPING", False, "INPUT.RANDOM_FLIP", "none", "SEED", 7,
               "MODEL.RESNETS.NORM", "FrozenBN"]
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    """Untrained teacher checkpoints: a frozen teacher needs weights, not good ones."""
-    out = tmp_path_factory.mktemp("teachers")
-    for name in ("teacher", "hr_baseline"):
-        SafeCheckpointer(build_model(quickstart_cfg(name)), str(out)).save(name)
-    return out
 
 
 CASES = {
@@ -59,9 +48,9 @@ def train(name, processes, out, teachers):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_two_processes_train_like_one(name, tmp_path, teachers):
-    one, w1 = train(name, 1, tmp_path / "one", teachers)
-    two, w2 = train(name, 2, tmp_path / "two", teachers)
+def test_two_processes_train_like_one(name, tmp_path, untrained_teachers):
+    one, w1 = train(name, 1, tmp_path / "one", untrained_teachers)
+    two, w2 = train(name, 2, tmp_path / "two", untrained_teachers)
     assert one["iteration"] == two["iteration"] == 2
     losses = [k for k in one if k.startswith("loss_") or k == "total_loss"]
     assert losses and set(losses) <= set(two)
