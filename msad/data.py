@@ -189,10 +189,16 @@ def load_coco_checked(json_file, image_root, name):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"dataset {name}: no such file {json_file}")
     try:
-        return load_coco_json(json_file, image_root, name)
+        records = load_coco_json(json_file, image_root, name)
     except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
                          f"{type(e).__name__}: {e}") from e
+    if not records:  # pycocotools reads a file without "images" as an empty dataset
+        with open(json_file) as f:
+            if not isinstance(json.load(f).get("images"), list):
+                raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
+                                 "it has no 'images' list")
+    return records
 
 
 def register_coco_checked(name, json_file, image_root):

@@ -172,6 +172,8 @@ def setup(args, trainer_cls=Trainer):
     check_writable(cfg.OUTPUT_DIR, "OUTPUT_DIR")  # last: it creates OUTPUT_DIR
     register_coco_from_config(cfg)
     default_setup(cfg, args)
+    # This package's messages (data checks, teacher loading) go where Detectron2's go.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="msad", abbrev_name="msad")
     logger.info("Environment:\n%s", summary())
     return cfg
 
