@@ -1,0 +1,81 @@
+"""Evaluating 1,000 images: the resident memory of the evaluating process stays flat.
+
+Two passes over the same 1,000 images, each measuring RSS after 100 and after 1,000 images:
+the inference pipeline alone (loader, model, post-processing) must not grow; with Detectron2's
+COCOEvaluator, which keeps every prediction until it scores them, growth per image must stay a
+small fraction of one input image (256 x 256 x 3 float32 = 768 KiB), i.e. predictions only.
+The figures are printed (pytest -s) for the record.
+"""
+import gc
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+
+from conftest import quickstart_cfg
+from msad.data import generate_split, register_coco_checked
+from msad.engine import Trainer
+
+NUM_IMAGES = 1000
+PROBES = (100, NUM_IMAGES)
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 1024
+
+
+class RSSProbe(DatasetEvaluator):
+    """Records the process's resident memory after the given numbers of images."""
+
+    def __init__(self, at):
+        self.at, self.rss, self.seen = set(at), {}, 0
+
+    def reset(self):
+        self.rss, self.seen = {}, 0
+
+    def process(self, inputs, outputs):
+        self.seen += len(inputs)
+        if self.seen in self.at:
+            gc.collect()
+            self.rss[self.seen] = rss_mib()
+
+    def evaluate(self):
+        return {}
+
+
+@pytest.mark.slow
+def test_evaluating_1000_images_keeps_memory_flat(tmp_path, capsys):
+    generate_split(str(tmp_path / "val.json"), str(tmp_path / "images"), NUM_IMAGES, seed=11)
+    name = "msad_eval_memory_1000"
+    if name not in DatasetCatalog.list():
+        register_coco_checked(name, str(tmp_path / "val.json"), str(tmp_path / "images"))
+    # Untrained, with every score kept: 100 detections per image, the most COCOEvaluator keeps.
+    cfg = quickstart_cfg("teacher", "MODEL.FCOS.SCORE_THRESH_TEST", 0.0,
+                         "DATALOADER.NUM_WORKERS", 0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.constant_(model.head.bbox_pred.bias, 1.0)
+    loader = Trainer.build_test_loader(cfg, name)
+
+    pipeline = RSSProbe(PROBES)
+    inference_on_dataset(model, loader, pipeline)
+    scored = RSSProbe(PROBES)
+    results = inference_on_dataset(model, loader, DatasetEvaluators(
+        [COCOEvaluator(name, output_dir=None, use_fast_impl=False), scored]))
+    assert "bbox" in results and pipeline.seen == scored.seen == NUM_IMAGES
+
+    pipeline_growth = pipeline.rss[NUM_IMAGES] - pipeline.rss[100]
+    scored_growth = scored.rss[NUM_IMAGES] - scored.rss[100]
+    per_image_kib = scored_growth * 1024 / (NUM_IMAGES - 100)
+    with capsys.disabled():
+        print(f"\nRSS (MiB) after 100 / 1000 images: inference only {pipeline.rss[100]:.1f} / "
+              f"{pipeline.rss[NUM_IMAGES]:.1f} ({pipeline_growth:+.1f}); with COCOEvaluator "
+              f"{scored.rss[100]:.1f} / {scored.rss[NUM_IMAGES]:.1f} ({scored_growth:+.1f}, "
+              f"{per_image_kib:.1f} KiB per image)")
+    assert pipeline_growth < 20
+    assert per_image_kib < 768 / 4
