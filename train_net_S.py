@@ -33,7 +33,8 @@ class StudentTrainer(Trainer):
 
     def resume_or_load(self, resume=True):
         # Only a fresh run starts from the teacher; --resume continues the student's own weights.
-        if not resume and self.teacher is not None and self.cfg.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER:
+        fresh = not (resume and self.checkpointer.has_checkpoint())
+        if fresh and self.teacher is not None and self.cfg.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER:
             unwrap(self.model).init_from_teacher()
         super().resume_or_load(resume)
 

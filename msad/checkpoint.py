@@ -46,8 +46,10 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Rebuilds dicts of numpy arrays (Detectron2 / Caffe2 ``.pkl`` weights) and nothing else."""
 
     ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+               ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+               *((f"numpy.{core}.{module}", name) for core in ("core", "_core")
+                 for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                      ("numeric", "_frombuffer")))}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -92,10 +94,15 @@ class SafeCheckpointer(DetectionCheckpointer):
     of its keys fit (another architecture), and goes on with a half-initialised model; here
     that is an error naming the file.  Missing keys and a classifier for another number of
     classes are still only logged, so a backbone-only, a teacher or a COCO checkpoint can start
-    a detector.
+    a detector.  (Files that Detectron2 loads by name-matching heuristics, Caffe2 ``.pkl`` and
+    ``?matching_heuristics=True``, keep Detectron2's warnings.)
+
+    `source` names what pointed to the file (a config key or option) in error messages.
     """
 
-    source = "MODEL.WEIGHTS"
+    def __init__(self, model, save_dir="", *, source="MODEL.WEIGHTS", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.source = source
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -120,10 +127,11 @@ class SafeCheckpointer(DetectionCheckpointer):
         return super().resume_or_load(path, resume=resume)
 
     def remove_temporaries_of_killed_runs(self):
-        """Delete the temporary files of saves that a kill interrupted (their process is gone)."""
+        """Delete the temporary files of saves that a kill interrupted: their process is gone,
+        or has this process's id (reused after a restart; this one has not saved yet)."""
         for path in glob.glob(os.path.join(glob.escape(self.save_dir), f"*{TEMPORARY_SUFFIX}*")):
             pid = path.rsplit(TEMPORARY_SUFFIX, 1)[1]
-            if pid.isdigit() and not _is_running(int(pid)):
+            if pid.isdigit() and (int(pid) == os.getpid() or not _is_running(int(pid))):
                 os.remove(path)
                 self.logger.info("Removed %s, left by a run killed while saving", path)
 
@@ -132,16 +140,27 @@ class SafeCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
-        loaded = load_weights_file(filename, self.source)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{self.source}: {filename} holds no state_dict")
+        # Detectron2 reads .pkl and .pyth with pickle / plain torch.load: here without code.
         if filename.endswith(".pkl"):
+            loaded = self._torch_load(filename)
             if "model" in loaded and "__author__" in loaded:  # Detectron2 model-zoo format
                 return loaded
             weights = loaded.get("blobs", loaded)  # Caffe2 detection / ImageNet models
             weights = {k: v for k, v in weights.items() if not k.endswith("_momentum")}
             return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
-        return loaded if "model" in loaded else {"model": loaded}
+        if filename.endswith(".pyth"):  # pycls
+            state = self._torch_load(filename).get("model_state")
+            if not isinstance(state, dict):
+                raise ValueError(f"{self.source}: {filename} has no 'model_state' (pycls format)")
+            return {"model": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)  # .pth: through _torch_load, URL queries honoured
+
+    def _torch_load(self, f):
+        loaded = load_weights_file(f, self.source)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{self.source}: {f} holds no state_dict")
+        return loaded
 
     def _load_model(self, checkpoint):
         model_keys = set(self.model.state_dict())

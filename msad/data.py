@@ -9,6 +9,7 @@ same seed gives the same bytes (JPEG encoding included) on the same library vers
 Importing :mod:`msad` registers ``msad_synth_train`` and ``msad_synth_val`` under Detectron2's
 dataset root (``$DETECTRON2_DATASETS``, default ``datasets/``); the first use generates them.
 """
+import fcntl
 import json
 import logging
 import math
@@ -19,6 +20,8 @@ import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+
+from .checkpoint import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -168,19 +171,22 @@ def generate_split(json_file, image_dir, num_images, seed, progress=None):
             "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
     # Written last and atomically: a JSON on disk means the split is complete.
-    tmp = json_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(coco, f, sort_keys=True)
-    os.replace(tmp, json_file)
+    write_atomically(json_file, "w", lambda f: json.dump(coco, f, sort_keys=True))
     return coco
 
 
 def ensure_split(spec: SplitSpec, root=None):
     json_file, image_dir = split_paths(spec.name, root)
-    if not os.path.exists(json_file):
-        logger.info("Generating the synthetic %s split (%d images) in %s",
-                    spec.name, spec.num_images, os.path.dirname(json_file))
-        generate_split(json_file, image_dir, spec.num_images, spec.seed)
+    if os.path.exists(json_file):
+        return json_file, image_dir
+    os.makedirs(os.path.dirname(json_file), exist_ok=True)
+    # Training processes of one run all load the split: one generates it, the others wait.
+    with open(os.path.join(os.path.dirname(json_file), f".{spec.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(json_file):
+            logger.info("Generating the synthetic %s split (%d images) in %s",
+                        spec.name, spec.num_images, os.path.dirname(json_file))
+            generate_split(json_file, image_dir, spec.num_images, spec.seed)
     return json_file, image_dir
 
 
@@ -190,7 +196,8 @@ def load_coco_checked(json_file, image_root, name):
         raise FileNotFoundError(f"dataset {name}: no such file {json_file}")
     try:
         records = load_coco_json(json_file, image_root, name)
-    except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+    # JSONDecodeError is a ValueError; pycocotools and load_coco_json assert on bad structure.
+    except (ValueError, KeyError, TypeError, IndexError, AssertionError) as e:
         raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
                          f"{type(e).__name__}: {e}") from e
     if not records:  # pycocotools reads a file without "images" as an empty dataset

@@ -19,9 +19,10 @@ from detectron2.utils.logger import setup_logger
 from .backbone import check_width
 from .checkpoint import SafeCheckpointer, load_state_dict_file
 from .config import add_msad_config
-from .data import check_coco_instances_entry, register_coco_from_config
+from .data import register_coco_from_config
 from .distill import freeze
 from .env import has_compiled_ops, summary
+from .fcos import LossNormalizerState
 from .input_checks import CheckedDatasetMapper, check_bad_image_policy, check_training_records
 
 logger = logging.getLogger("msad")
@@ -95,22 +96,34 @@ class Trainer(DefaultTrainer):
                                "here; add 'MODEL.DEVICE cpu' to the command line")
         if cfg.MODEL.BACKBONE.NAME == "build_slimmable_resnet_fpn_backbone":
             check_width(cfg.MODEL.SLIMMABLE.WIDTH, cfg.MODEL.SLIMMABLE.WIDTH_LIST)
-        if args.resume and not has_checkpoint(cfg):
-            raise FileNotFoundError(f"--resume: no checkpoint in OUTPUT_DIR={cfg.OUTPUT_DIR} "
-                                    "(no last_checkpoint file); drop --resume to start afresh")
+        if comm.get_world_size() > 1 and not cfg.MODEL.DEVICE.startswith("cuda") \
+                and torch.distributed.get_backend() == "nccl":
+            raise RuntimeError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} in {comm.get_world_size()} "
+                               "processes: Detectron2's launch chose NCCL because this machine "
+                               "has CUDA, and NCCL cannot reduce CPU tensors; to train on CPU, "
+                               "hide the GPUs with CUDA_VISIBLE_DEVICES=")
+        # --resume, as in Detectron2: continue from OUTPUT_DIR's last checkpoint if there is one.
+        resumes = args.resume and has_checkpoint(cfg)
         if not args.resume and not args.eval_only and has_checkpoint(cfg):
             raise FileExistsError(
                 f"OUTPUT_DIR={cfg.OUTPUT_DIR} holds the checkpoints of an earlier run, which a "
                 "fresh run would overwrite: add --resume to continue it, or choose another "
                 "OUTPUT_DIR")
-        if args.eval_only and not args.resume and not cfg.MODEL.WEIGHTS:
+        if args.eval_only and not resumes and not cfg.MODEL.WEIGHTS:
             raise ValueError("--eval-only needs the weights to evaluate: add MODEL.WEIGHTS <file>")
-        weights = cfg.MODEL.WEIGHTS
-        if weights and "://" not in weights and not os.path.isfile(weights):
+        weights = cfg.MODEL.WEIGHTS.split("?")[0]  # Detectron2 accepts ?matching_heuristics=True
+        if not resumes and weights and "://" not in weights and not os.path.isfile(weights):
             raise FileNotFoundError(f"MODEL.WEIGHTS: no such file {weights}")
-        for entry in cfg.DATASETS.COCO_INSTANCES:
-            check_coco_instances_entry(entry)
         check_bad_image_policy(cfg.DATALOADER.BAD_IMAGES)
+
+    def resume_or_load(self, resume=True):
+        if resume and not self.checkpointer.has_checkpoint():
+            logger.info("--resume: no checkpoint in OUTPUT_DIR=%s yet, so this is a fresh run",
+                        self.cfg.OUTPUT_DIR)
+        super().resume_or_load(resume)
+
+    def build_hooks(self):
+        return super().build_hooks() + [LossNormalizerState()]
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -169,8 +182,8 @@ def setup(args, trainer_cls=Trainer):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     trainer_cls.check_config(cfg, args)
+    register_coco_from_config(cfg)  # checks the files
     check_writable(cfg.OUTPUT_DIR, "OUTPUT_DIR")  # last: it creates OUTPUT_DIR
-    register_coco_from_config(cfg)
     default_setup(cfg, args)
     # This package's messages (data checks, teacher loading) go where Detectron2's go.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="msad", abbrev_name="msad")

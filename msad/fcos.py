@@ -15,6 +15,7 @@ from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
+from detectron2.engine import HookBase
 from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
@@ -24,6 +25,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .alignment import aligned_levels, check_alignment, downsample, normalize_and_pad
+from .distill import unwrap
 
 
 def sum_over_processes(value: float, device) -> float:
@@ -33,6 +35,20 @@ def sum_over_processes(value: float, device) -> float:
     total = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
     return total.item()
+
+
+class LossNormalizerState(HookBase):
+    """Keeps FCOS's loss normaliser (an EMA of the positive count, which Detectron2 holds as a
+    plain attribute outside the state_dict) in the trainer's checkpoints, so that a resumed run
+    goes on with it instead of restarting it from its start value."""
+
+    def state_dict(self):
+        value = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
+        return {} if value is None else {"loss_normalizer": value}
+
+    def load_state_dict(self, state):
+        if "loss_normalizer" in state:
+            unwrap(self.trainer.model).loss_normalizer = state["loss_normalizer"]
 
 
 class ScaledFCOSHead(FCOSHead):
@@ -139,7 +155,7 @@ class AlignedFCOS(FCOS):
         # one normaliser: the EMA moves once per training iteration.  Across processes the
         # count is summed and the normaliser divided by their number (Detectron2 keeps one EMA
         # per process from a start value that does not scale), so the loss and its gradient do
-        # not depend on how the batch is split.
+        # not depend on how the batch is split (up to Detectron2 counting at least 1 per process).
         step = get_event_storage().iter
         if self._ema_steps.get(name) != step:
             self._ema_steps[name] = step

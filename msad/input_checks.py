@@ -20,6 +20,9 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,13 @@ BAD_IMAGE_POLICIES = ("raise", "skip")
 
 class BadImageError(ValueError):
     """An image file that cannot be used, named in the message."""
+
+
+def is_bad_image_error(error):
+    """True for errors about the image itself: missing, not an image, truncated, corrupt (PIL
+    raises OSErrors without an errno), of another size than its record."""
+    return isinstance(error, (FileNotFoundError, SizeMismatchError)) or (
+        isinstance(error, OSError) and error.errno is None)
 
 
 def check_bad_image_policy(policy):
@@ -45,6 +55,20 @@ def _clipped_box(annotation, height, width):
     if x1 <= x0 or y1 <= y0:
         return None
     return [x0, y0, x1, y1]
+
+
+def _image_size(record):
+    """(height, width) from the record, or else from the image file's header (after its EXIF
+    rotation, as Detectron2 reads it); None if the file cannot be read."""
+    if "height" in record and "width" in record:
+        return record["height"], record["width"]
+    try:
+        with Image.open(record["file_name"]) as image:
+            width, height = image.size
+            transposed = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except OSError:
+        return None
+    return (width, height) if transposed else (height, width)
 
 
 def check_training_records(dataset_dicts, bad_images="raise"):
@@ -68,11 +92,12 @@ def check_training_records(dataset_dicts, bad_images="raise"):
             continue
         record = copy.copy(record)
         kept = []
+        size = _image_size(record) if record.get("annotations") else None
         for annotation in record.get("annotations", []):
-            if "height" not in record or "width" not in record:
-                kept.append(annotation)  # the data mapper clips to the image it reads
+            if size is None:  # unreadable: the data mapper stops or skips it by name
+                kept.append(annotation)
                 continue
-            box = _clipped_box(annotation, record["height"], record["width"])
+            box = _clipped_box(annotation, *size)
             example = f"{os.path.basename(record['file_name'])} {list(annotation['bbox'])}"
             if box is None:
                 dropped.append(example)
@@ -116,7 +141,9 @@ class CheckedDatasetMapper(DatasetMapper):
     def __call__(self, dataset_dict):
         try:
             return super().__call__(dataset_dict)
-        except (OSError, SizeMismatchError) as e:  # PIL: missing, truncated, not an image
+        except (OSError, SizeMismatchError) as e:
+            if not is_bad_image_error(e):
+                raise  # the machine's trouble (open files, I/O, permissions), not the image's
             message = f"cannot use image {dataset_dict['file_name']}: {type(e).__name__}: {e}"
             if self.bad_images == "raise":
                 hint = "; set DATALOADER.BAD_IMAGES skip to skip it" if self.is_train else ""

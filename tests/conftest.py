@@ -17,10 +17,12 @@ def quickstart_cfg(name="teacher", *opts):
 def untrained_teachers(tmp_path_factory):
     """Randomly initialised quickstart teacher and HR FCOS checkpoints (teacher.pth,
     hr_baseline.pth): a frozen teacher needs weights, not good ones."""
+    import torch
     from detectron2.modeling import build_model
     from msad.checkpoint import SafeCheckpointer
 
     out = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
     for name in ("teacher", "hr_baseline"):
         SafeCheckpointer(build_model(quickstart_cfg(name)), str(out)).save(name)
     return out

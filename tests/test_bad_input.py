@@ -172,6 +172,37 @@ def test_boxes_are_clipped_or_dropped_and_counted(caplog):
     assert "Clipped 1 boxes" in caplog.text and "Dropped 5 boxes" in caplog.text
 
 
+def test_records_without_a_size_are_checked_against_the_image_header(tmp_path, caplog):
+    json_file, images = small_dataset(tmp_path, n=1)
+    record = load_coco_checked(str(json_file), str(images), "sizeless")[0]
+    height, width = record.pop("height"), record.pop("width")
+    record["annotations"] = [
+        {"bbox": [width - 5, 0, 20, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0},
+        {"bbox": [float("nan"), 0, 5, 5], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}]
+    (checked,) = check_training_records([record])
+    assert [a["bbox"] for a in checked["annotations"]] == [[width - 5, 0, width, 10]]
+    assert "Clipped 1 boxes" in caplog.text and "Dropped 1 boxes" in caplog.text
+
+
+def test_a_machine_error_is_not_taken_for_a_bad_image(tmp_path, cfg, monkeypatch):
+    """Too many open files, I/O errors: raised as they are, never skipped as a bad image."""
+    import errno
+
+    import detectron2.data.dataset_mapper as dataset_mapper
+
+    json_file, images = small_dataset(tmp_path, n=1)
+    record = load_coco_checked(str(json_file), str(images), "machine")[0]
+
+    def no_more_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(dataset_mapper.utils, "read_image", no_more_files)
+    cfg.DATALOADER.BAD_IMAGES = "skip"
+    with pytest.raises(OSError, match="Too many open files") as raised:
+        CheckedDatasetMapper(cfg, is_train=True)(dict(record))
+    assert not isinstance(raised.value, BadImageError)
+
+
 # ---- image sizes, images without boxes -----------------------------------------------------
 
 def _student_cfg(teachers):
@@ -317,11 +348,12 @@ def test_model_weights_that_would_run_code_are_refused(tmp_path, suffix):
     assert not payload.marker.exists()
 
 
-def test_detectron2_pkl_weights_of_numpy_arrays_still_load(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_detectron2_pkl_weights_of_numpy_arrays_still_load(tmp_path, protocol):
     model = build_model(quickstart_cfg("teacher"))
     arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     arrays["head.cls_score.bias"] = np.full(5, 0.5, np.float32)
     with open(tmp_path / "zoo.pkl", "wb") as f:
-        pickle.dump({"model": arrays, "__author__": "test"}, f)
+        pickle.dump({"model": arrays, "__author__": "test"}, f, protocol=protocol)
     SafeCheckpointer(model).load(str(tmp_path / "zoo.pkl"))
     assert torch.equal(model.head.cls_score.bias, torch.full((5,), 0.5))

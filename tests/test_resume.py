@@ -23,49 +23,73 @@ CASES = {
                  "MODEL.MSAD.KD_WARMUP_ITERS", 100],
                 "distill_warmup", lambda it: it / 100),
     "thumbdet_4x": (["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/hr_baseline.pth",
-                     "MODEL.THUMBDET.WARMUP_ITERS", 15],
-                    "detection_phase", lambda it: float(it >= 15)),
+                     "MODEL.THUMBDET.WARMUP_ITERS", 5],
+                    "detection_phase", lambda it: float(it >= 5)),
 }
 
+# train_net_S.py whose torch.save writes half of `model_0000019.pth`, signals, then hangs: the
+# test kills it there, in the middle of saving a checkpoint.
+HANGS_WHILE_SAVING = """
+import io, runpy, sys, time, torch
+real_save, marker, script = torch.save, sys.argv[1], sys.argv[2]
+def save(obj, f, *args, **kwargs):
+    data = io.BytesIO()
+    real_save(obj, data, *args, **kwargs)
+    f.write(data.getvalue()[: len(data.getvalue()) // 2])
+    f.flush()
+    if "model_0000019.pth" in getattr(f, "name", ""):
+        open(marker, "w").close()
+        time.sleep(600)
+    f.write(data.getvalue()[len(data.getvalue()) // 2:])
+torch.save = save
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
 
-def run_until_checkpoint(cmd, checkpoint, timeout=600):
-    """Start `cmd`, SIGKILL it once `checkpoint` exists; return its output."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + timeout
-    while not checkpoint.exists():
-        assert proc.poll() is None, f"training ended before {checkpoint.name}:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, f"no {checkpoint.name} after {timeout} s"
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the next iterations, possibly the next save
-    proc.send_signal(signal.SIGKILL)
-    out = proc.communicate()[0]
+
+def kill_while_saving(args, marker, log, timeout=300):
+    """Run train_net_S.py `args` until it is half-way through saving model_0000019.pth, SIGKILL."""
+    with open(log, "w") as out:  # a file, not a pipe nobody reads: that would block the child
+        proc = subprocess.Popen([sys.executable, "-c", HANGS_WHILE_SAVING, str(marker),
+                                 os.path.join(REPO, "train_net_S.py"), *args], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, f"training ended before saving:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no save of model_0000019.pth after {timeout} s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_sigkill_then_resume_continues_from_the_last_checkpoint(name, tmp_path, untrained_teachers):
+def test_sigkill_while_saving_then_resume_continues_from_the_last_checkpoint(
+        name, tmp_path, untrained_teachers):
     extra, attribute, expected = CASES[name]
     out = tmp_path / "run"
     opts = [str(v).format(teachers=untrained_teachers) for v in [
         *extra, "SOLVER.MAX_ITER", MAX_ITER, "SOLVER.CHECKPOINT_PERIOD", 10, "DATASETS.TEST", "()",
         "OUTPUT_DIR", out]]
     config = os.path.join(REPO, "configs", "quickstart", f"{name}.yaml")
-    cmd = [sys.executable, os.path.join(REPO, "train_net_S.py"), "--config-file", config, *opts]
-    run_until_checkpoint(cmd, out / "model_0000019.pth")
+    kill_while_saving(["--config-file", config, *opts], tmp_path / "saving", tmp_path / "killed.log")
 
-    # Whatever the kill interrupted, last_checkpoint names a whole checkpoint.
-    last = (out / "last_checkpoint").read_text()
-    saved = torch.load(out / last, weights_only=True)
+    # The kill left half a checkpoint in a temporary file; last_checkpoint still names the
+    # previous, whole one, and no model_0000019.pth exists.
+    assert [f for f in os.listdir(out) if ".tmp-" in f] == [
+        f for f in os.listdir(out) if f.startswith("model_0000019.pth.tmp-")] != []
+    assert not (out / "model_0000019.pth").exists()
+    assert (out / "last_checkpoint").read_text() == "model_0000009.pth"
+    saved = torch.load(out / "model_0000009.pth", weights_only=True)
     start = saved["iteration"] + 1
-    assert start >= 20
+    assert start == 10
 
     cfg = quickstart_cfg(name, *opts, "DATALOADER.NUM_WORKERS", 0)
     cfg.freeze()
     trainer = train_net_S.StudentTrainer(cfg)
     trainer.resume_or_load(resume=True)
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the half checkpoint is gone
     assert trainer.start_iter == start
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, saved["model"][key]), key
@@ -74,8 +98,10 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(name, tmp_path, 
     assert optimizer["state"].keys() == saved_optimizer["state"].keys() and optimizer["state"]
     for index, state in optimizer["state"].items():
         assert torch.equal(state["momentum_buffer"], saved_optimizer["state"][index]["momentum_buffer"])
-    assert trainer.scheduler.state_dict() == saved["trainer"]["hooks"]["LRScheduler"]
+    hooks = saved["trainer"]["hooks"]
+    assert trainer.scheduler.state_dict() == hooks["LRScheduler"]
     assert trainer.scheduler.last_epoch == start
+    assert trainer.model.loss_normalizer == hooks["LossNormalizerState"]["loss_normalizer"]
     trainer.iter, trainer.storage = start, EventStorage(start)
     for hook in trainer._hooks:
         if isinstance(hook, IterationSchedule):
@@ -83,7 +109,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(name, tmp_path, 
     assert getattr(trainer.model, attribute) == pytest.approx(expected(start))
     assert expected(start) != expected(0)  # the schedule did not restart
 
-    # The real restart: it continues at `start` and finishes.
+    # The real restart continues at `start` and finishes.
     resumed = train_net("--config-file", config, "--resume", *opts, script="train_net_S.py")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Starting training from iteration {start}" in resumed.stdout + resumed.stderr
@@ -91,7 +117,6 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(name, tmp_path, 
     assert metrics[-1]["iteration"] == MAX_ITER - 1
     assert metrics[-1][attribute] == pytest.approx(expected(MAX_ITER - 1))
     assert (out / "model_final.pth").exists()
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
 def test_temporaries_of_a_killed_save_are_removed_on_restart(tmp_path):
@@ -99,6 +124,7 @@ def test_temporaries_of_a_killed_save_are_removed_on_restart(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     (tmp_path / f"model_0000009.pth.tmp-{dead}").write_bytes(b"half")
-    (tmp_path / f"model_0000019.pth.tmp-{os.getpid()}").write_bytes(b"being written")
+    (tmp_path / f"model_0000019.pth.tmp-{os.getpid()}").write_bytes(b"id reused after a restart")
+    (tmp_path / f"model_0000029.pth.tmp-{os.getppid()}").write_bytes(b"another live process")
     SafeCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
-    assert sorted(os.listdir(tmp_path)) == [f"model_0000019.pth.tmp-{os.getpid()}"]
+    assert sorted(os.listdir(tmp_path)) == [f"model_0000029.pth.tmp-{os.getppid()}"]

@@ -109,7 +109,7 @@ def final_metrics(output_dir):
 def load_model(config, opts, weights):
     cfg = load_config(os.path.join(REPO, config), opts)
     model = build_model(cfg).eval()
-    SafeCheckpointer(model).load(weights)
+    SafeCheckpointer(model, source="quickstart: trained model").load(weights)
     return cfg, model
 
 

@@ -91,7 +91,7 @@ def main():
     if not os.path.isfile(args.weights):
         parser.error(f"--weights: no such file {args.weights}")
     model = build_model(cfg).eval()
-    SafeCheckpointer(model).load(args.weights)
+    SafeCheckpointer(model, source="--weights").load(args.weights)
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_images]
     for path in write_comparisons(model, dicts, args.output or os.path.dirname(args.weights),
                                   cfg.INPUT.FORMAT):
