@@ -130,7 +130,7 @@ class CheckedDatasetMapper(DatasetMapper):
     def __init__(self, is_train: bool, *, bad_images: str = "raise", **kwargs):
         super().__init__(is_train, **kwargs)
         self.bad_images = check_bad_image_policy(bad_images)
-        self.skipped = 0
+        self.skipped = set()  # files skipped by this copy of the mapper (one per loader worker)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -148,7 +148,8 @@ class CheckedDatasetMapper(DatasetMapper):
             if self.bad_images == "raise":
                 hint = "; set DATALOADER.BAD_IMAGES skip to skip it" if self.is_train else ""
                 raise BadImageError(message + hint) from e
-            self.skipped += 1
-            logger.warning("%s; skipped (%d bad images skipped by this data-loader worker)",
-                           message, self.skipped)
+            if dataset_dict["file_name"] not in self.skipped:  # each epoch meets it again
+                self.skipped.add(dataset_dict["file_name"])
+                logger.warning("%s; skipped (%d bad images skipped by this data-loader worker)",
+                               message, len(self.skipped))
             return None

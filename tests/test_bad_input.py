@@ -107,7 +107,8 @@ def test_the_mapper_names_an_unreadable_image_and_can_skip_it(tmp_path, kind, cf
         CheckedDatasetMapper(cfg, is_train=False)(dict(record))
     cfg.DATALOADER.BAD_IMAGES = "skip"
     mapper = CheckedDatasetMapper(cfg, is_train=True)
-    assert mapper(dict(record)) is None and mapper.skipped == 1
+    assert mapper(dict(record)) is None and mapper(dict(record)) is None
+    assert mapper.skipped == {str(path)}  # counted once
 
 
 def test_grayscale_palette_and_rgba_images_are_converted(tmp_path, cfg):
