@@ -47,14 +47,15 @@ def check_bad_image_policy(policy):
 
 
 def _clipped_box(annotation, height, width):
-    """The annotation's box as XYXY clipped to the image, or None if nothing of it is left."""
+    """(the annotation's box as XYXY, that box clipped to the image or None if nothing of it is
+    left)."""
     box = BoxMode.convert(list(annotation["bbox"]), annotation["bbox_mode"], BoxMode.XYXY_ABS)
     if not all(math.isfinite(v) for v in box):
-        return None
+        return box, None
     x0, y0, x1, y1 = (min(max(v, 0.0), limit) for v, limit in zip(box, (width, height) * 2))
     if x1 <= x0 or y1 <= y0:
-        return None
-    return [x0, y0, x1, y1]
+        return box, None
+    return box, [x0, y0, x1, y1]
 
 
 def _image_size(record):
@@ -97,15 +98,14 @@ def check_training_records(dataset_dicts, bad_images="raise"):
             if size is None:  # unreadable: the data mapper stops or skips it by name
                 kept.append(annotation)
                 continue
-            box = _clipped_box(annotation, *size)
+            box, clipped_box = _clipped_box(annotation, *size)
             example = f"{os.path.basename(record['file_name'])} {list(annotation['bbox'])}"
-            if box is None:
+            if clipped_box is None:
                 dropped.append(example)
                 continue
-            if box != BoxMode.convert(list(annotation["bbox"]), annotation["bbox_mode"],
-                                      BoxMode.XYXY_ABS):
+            if clipped_box != box:
                 clipped.append(example)
-                annotation = {**annotation, "bbox": box, "bbox_mode": BoxMode.XYXY_ABS}
+                annotation = {**annotation, "bbox": clipped_box, "bbox_mode": BoxMode.XYXY_ABS}
             kept.append(annotation)
         if "annotations" in record:
             record["annotations"] = kept
