@@ -78,15 +78,14 @@ def check_training_records(dataset_dicts, bad_images="raise"):
     The input list is not modified.  Counts (and a few examples) go to the log.
     """
     check_bad_image_policy(bad_images)
-    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
+    missing = {d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])}
     if missing and bad_images == "raise":
         raise BadImageError(f"{len(missing)} of {len(dataset_dicts)} training images do not exist, "
-                            f"e.g. {missing[:3]}; set DATALOADER.BAD_IMAGES skip to train without "
-                            "them")
+                            f"e.g. {sorted(missing)[:3]}; set DATALOADER.BAD_IMAGES skip to train "
+                            "without them")
     if missing:
         logger.warning("Skipping %d training images whose files do not exist, e.g. %s",
-                       len(missing), missing[:3])
-        missing = set(missing)
+                       len(missing), sorted(missing)[:3])
     checked, clipped, dropped = [], [], []
     for record in dataset_dicts:
         if record["file_name"] in missing:
