@@ -113,6 +113,8 @@ class MSADStudent(FrozenTeacherMixin, SingleScaleFCOS):
         features = self.branch_features(images.tensor, self.input_factor)
         losses = self.forward_training(images, features, self.head(features),
                                        self.gt_instances(batched_inputs))
+        if self.kd_alpha == 0:  # the ablation without distillation: no teacher pass needed
+            return losses
         teacher_features, _ = self.teacher_outputs(batched_inputs)
         pairs = self.teacher_pairs(self.teacher)
         t = self.kd_temperature

@@ -8,6 +8,7 @@ iteration (``ThumbDet.training_hooks``): first the image-statistics loss alone, 
 statistics and the distillation boost from a separate frozen full-resolution teacher: logit KD
 and feature mimicry at spatially aligned levels (thumbnail P(l) with teacher P(l + log2 f)).
 """
+import logging
 import math
 from functools import partial
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .alignment import downsample, level_shift
@@ -22,9 +24,14 @@ from .distill import IterationSchedule
 from .fcos import AlignedFCOS
 from .student import FrozenTeacherMixin
 
+logger = logging.getLogger(__name__)
+
 FACTORS = (2, 4)
 DOWNSAMPLERS = ("learned", "bicubic")
 MIMIC_MODES = ("aligned", "resize")
+# A thumbnail channel whose standard deviation over the batch is below this (on [0, 1] values:
+# a quarter of one 8-bit grey level) while the images' is not has gone constant.
+CONSTANT_CHANNEL_STD = 1e-3
 
 
 def check_factor(factor):
@@ -33,38 +40,48 @@ def check_factor(factor):
 
 
 class LearnedDownsampler(nn.Module):
-    """Two convolutions from a [0, 1] RGB image to its 1/factor thumbnail (official layers).
+    """A [0, 1] RGB batch to its 1/factor thumbnails: antialiased bicubic resize + a learned
+    correction with zero mean over each image.
 
-    4x: Conv3x3/2 (3 -> hidden) -> ReLU -> Conv3x3/2 (hidden -> 3) -> ReLU.
-    2x: Conv5x5/1 (3 -> hidden) -> ReLU -> Conv5x5/2 (hidden -> 3) -> ReLU.
-    Paddings are k // 2 (the official 2x used 1, which loses pixels), so an H x W input gives
-    exactly ceil(H / factor) x ceil(W / factor), and H / factor for the 256-padded batch.
-    The convolutions start as box filters (each hidden channel a blurred copy of one colour,
-    plus a little noise), so the first thumbnail is already an image: from a random start the
-    ReLUs can go dark for good once the detection losses switch on.
+    The correction is the paper's two convolutions (no bias), 4x: Conv3x3/2 (3 -> hidden) ->
+    ReLU -> Conv3x3/2 (hidden -> 3); 2x: Conv5x5/1 -> ReLU -> Conv5x5/2.  Paddings are k // 2
+    (the official 2x used 1, which loses pixels), so an H x W input gives exactly
+    ceil(H / factor) x ceil(W / factor).  Two departures from the paper, both so that the
+    thumbnail stays an image:
+
+    * No output ReLU, a residual instead.  A ReLU passes no gradient where its input is
+      negative, so one large step (the detection and distillation losses switching on) could
+      push a channel below zero everywhere and leave the thumbnail black for good, as it did on
+      the quickstart.  Here every output pixel and channel keeps the identity path's gradient
+      whatever the weights; with every hidden unit dead the thumbnail is the bicubic one.  The
+      last convolution starts at zero, so training starts from the bicubic thumbnail.
+    * The correction's mean over each image's own thumbnail pixels is removed (and it is zero
+      on the padding), so a channel's mean stays the bicubic thumbnail's, i.e. the image's.
+      The statistics loss asks for that, but FCOS with batch-statistics BatchNorm hardly sees a
+      uniform shift of a channel, and that loss alone let the mean drift by 0.27 within 20
+      detection iterations; the variances are still left to it.
     """
 
     def __init__(self, factor, hidden_channels=12):
         super().__init__()
         check_factor(factor)
-        if hidden_channels % 3:
-            raise ValueError(f"MODEL.THUMBDET.HIDDEN_CHANNELS must be a multiple of 3, got "
-                             f"{hidden_channels}")
         kernel, strides = (3, (2, 2)) if factor == 4 else (5, (1, 2))
         self.factor = factor
         self.conv1 = nn.Conv2d(3, hidden_channels, kernel, strides[0], kernel // 2, bias=False)
         self.conv2 = nn.Conv2d(hidden_channels, 3, kernel, strides[1], kernel // 2, bias=False)
-        with torch.no_grad():
-            box = 1.0 / kernel**2
-            copies = hidden_channels // 3
-            self.conv1.weight.normal_(0, 0.01 * box)
-            self.conv2.weight.normal_(0, 0.01 * box)
-            for j in range(hidden_channels):
-                self.conv1.weight[j, j % 3] += box
-                self.conv2.weight[j % 3, j] += box / copies
+        nn.init.zeros_(self.conv2.weight)
 
-    def forward(self, x):
-        return F.relu(self.conv2(F.relu(self.conv1(x))))
+    def forward(self, x, image_sizes=None):
+        """Thumbnails of the NCHW batch `x` whose images fill `image_sizes` (default: all of x)."""
+        correction = self.conv2(F.relu(self.conv1(x)))
+        # Sized like the correction, i.e. downsample(x, factor, "bicubic") for the padded batch.
+        resized = F.interpolate(x, size=correction.shape[-2:], mode="bicubic",
+                                align_corners=False, antialias=True)
+        mask = torch.zeros_like(correction[:, :1])
+        for i, (h, w) in enumerate(image_sizes or [x.shape[-2:]] * len(x)):
+            mask[i, :, :math.ceil(h / self.factor), :math.ceil(w / self.factor)] = 1.0
+        mean = (correction * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True)
+        return resized + (correction - mean) * mask
 
 
 def image_statistics_loss(source, thumb, var_weight=0.1):
@@ -79,6 +96,11 @@ def image_statistics_loss(source, thumb, var_weight=0.1):
 
     (mean_s, var_s), (mean_t, var_t) = stats(source), stats(thumb)
     return F.mse_loss(mean_t, mean_s) + var_weight * F.mse_loss(var_t, var_s)
+
+
+def channel_std(images):
+    """Standard deviation of each channel over all pixels of a list of CHW images."""
+    return torch.cat([x.flatten(1) for x in images], dim=1).std(dim=1)
 
 
 def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, t_squared=True):
@@ -131,6 +153,7 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         self.kd_weight, self.kd_temperature, self.kd_t_squared = kd_weight, kd_temperature, kd_t_squared
         self.mimic_weight, self.mimic_mode = mimic_weight, mimic_mode
         self.detection_phase = 1.0  # set before each step by the hook of training_hooks()
+        self.constant_thumbnail_channels = []  # as of the last training step
 
     @classmethod
     def from_config(cls, cfg):
@@ -170,11 +193,12 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         """Normalised tensor back to [0, 1] (the padding becomes the mean colour)."""
         return (normalized * self.pixel_std + self.pixel_mean) / 255.0
 
-    def thumbnail(self, unit):
-        """The [0, 1] thumbnail of a [0, 1] padded batch."""
+    def thumbnail(self, unit, image_sizes=None):
+        """The [0, 1] thumbnails of a [0, 1] padded batch whose images fill `image_sizes`
+        (default: the whole batch)."""
         if self.downsampler is None:
             return downsample(unit, self.factor, "bicubic")
-        return self.downsampler(unit)
+        return self.downsampler(unit, image_sizes)
 
     def preprocess_image(self, batched_inputs):
         for x in batched_inputs:
@@ -187,7 +211,7 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         unit = self.unit_range(images.tensor)
-        thumb = self.thumbnail(unit)
+        thumb = self.thumbnail(unit, images.image_sizes)
         features = self.backbone((thumb * 255.0 - self.pixel_mean) / self.pixel_std)
         features = [features[name] for name in self.levels[self.factor]]
         predictions = self.head(features)
@@ -201,13 +225,31 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         if self.downsampler is not None:
             f = self.factor
             sizes = images.image_sizes
+            source = [unit[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
+            thumbs = [thumb[i, :, :math.ceil(h / f), :math.ceil(w / f)]
+                      for i, (h, w) in enumerate(sizes)]
             losses["loss_image_stats"] = self.stats_weight * image_statistics_loss(
-                [unit[i, :, :h, :w] for i, (h, w) in enumerate(sizes)],
-                [thumb[i, :, :math.ceil(h / f), :math.ceil(w / f)] for i, (h, w) in enumerate(sizes)],
-                self.stats_var_weight)
+                source, thumbs, self.stats_var_weight)
+            self.watch_thumbnail(source, thumbs)
         if self.teacher is not None:
             losses.update(self.distillation_losses(batched_inputs, features, predictions, phase))
         return losses
+
+    def watch_thumbnail(self, source, thumbs):
+        """Log the thumbnail's smallest channel spread; warn when a channel goes constant."""
+        with torch.no_grad():
+            source_std, thumb_std = channel_std(source).tolist(), channel_std(thumbs).tolist()
+        storage = get_event_storage()
+        storage.put_scalar("thumbnail_min_channel_std", min(thumb_std), smoothing_hint=False)
+        constant = [c for c, (s, t) in enumerate(zip(source_std, thumb_std))
+                    if t < CONSTANT_CHANNEL_STD <= s]
+        if constant and constant != self.constant_thumbnail_channels:
+            logger.warning(
+                "ThumbDet: learned thumbnail channel(s) %s constant at iteration %d (std %s, "
+                "the images' %s): the down-sampler's output has died there",
+                constant, storage.iter, [f"{thumb_std[c]:.2g}" for c in constant],
+                [f"{source_std[c]:.2g}" for c in constant])
+        self.constant_thumbnail_channels = constant
 
     def distillation_losses(self, batched_inputs, features, predictions, phase):
         zero = features[0].sum() * 0.0

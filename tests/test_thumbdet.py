@@ -9,9 +9,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, quickstart_cfg
+from msad.alignment import downsample
 from msad.engine import build_frozen_teacher
-from msad.thumbdet import (LearnedDownsampler, detection_phase, feature_mimic,
-                           image_statistics_loss, sigmoid_kd)
+from msad.thumbdet import (CONSTANT_CHANNEL_STD, LearnedDownsampler, detection_phase,
+                           feature_mimic, image_statistics_loss, sigmoid_kd)
 from test_teacher import _inputs
 
 
@@ -38,7 +39,76 @@ def thumbdet_with_teacher(cfg):
 def test_thumbnail_size_is_exact(factor, size):
     out = LearnedDownsampler(factor)(torch.rand(2, 3, *size))
     assert out.shape == (2, 3, math.ceil(size[0] / factor), math.ceil(size[1] / factor))
-    assert (out >= 0).all()  # ReLU output, like an image
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_learned_thumbnail_starts_as_the_bicubic_one(factor):
+    batch = torch.rand(2, 3, 256, 512)
+    torch.testing.assert_close(LearnedDownsampler(factor)(batch),
+                               downsample(batch, factor, "bicubic"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_every_thumbnail_pixel_keeps_its_gradient_whatever_the_weights(factor):
+    """The paper's output ReLU passes no gradient once its input is negative everywhere; the
+    residual always does, and with every hidden unit dead the thumbnail is the bicubic one."""
+    downsampler = LearnedDownsampler(factor)
+    with torch.no_grad():
+        downsampler.conv1.weight.fill_(-5.0)  # every hidden ReLU dead
+        downsampler.conv2.weight.normal_(-3.0, 1.0)
+    image = torch.rand(1, 3, 64, 64, requires_grad=True)
+    thumb = downsampler(image)
+    torch.testing.assert_close(thumb, downsample(image, factor, "bicubic"))
+    for c in range(3):
+        for i, j in [(0, 0), (5, 7), (thumb.shape[2] - 1, thumb.shape[3] - 1)]:
+            (grad,) = torch.autograd.grad(thumb[0, c, i, j], image, retain_graph=True)
+            assert grad[0, c].abs().sum() > 0, (c, i, j)
+    with torch.no_grad():
+        downsampler.conv1.weight.normal_(0.0, 1.0)  # hidden units alive: the correction learns
+    thumb = downsampler(image)
+    (grad,) = torch.autograd.grad((thumb ** 2).sum(), downsampler.conv2.weight)
+    assert grad.abs().sum() > 0
+
+
+def test_the_correction_keeps_each_images_channel_means_and_spares_the_padding():
+    downsampler = LearnedDownsampler(4)
+    with torch.no_grad():
+        downsampler.conv2.weight.normal_(-1.0, 1.0)  # a large correction, mostly negative
+    batch = torch.full((2, 3, 64, 96), 0.5)
+    batch[0, :, :40, :50] = torch.rand(3, 40, 50)
+    batch[1, :, :64, :81] = torch.rand(3, 64, 81)
+    sizes = [(40, 50), (64, 81)]
+    thumb, bicubic = downsampler(batch, sizes), downsample(batch, 4, "bicubic")
+    assert (thumb - bicubic).abs().max() > 0.5  # it does correct
+    for i, (h, w) in enumerate(sizes):
+        inside = (slice(None), slice(0, math.ceil(h / 4)), slice(0, math.ceil(w / 4)))
+        torch.testing.assert_close(thumb[i][inside].mean(dim=(1, 2)),
+                                   bicubic[i][inside].mean(dim=(1, 2)))
+        outside = torch.ones_like(thumb[i], dtype=torch.bool)
+        outside[inside] = False
+        assert torch.equal(thumb[i][outside], bicubic[i][outside])
+
+
+def test_a_constant_thumbnail_channel_is_warned_with_its_iteration(hr_teacher_weights, caplog):
+    model = thumbdet_with_teacher(thumbdet_cfg(hr_teacher_weights)).train()
+    batch = _inputs([(200, 240), (256, 190)])
+    with EventStorage(7) as storage:
+        model(batch)
+    assert model.constant_thumbnail_channels == []
+    assert storage.history("thumbnail_min_channel_std").latest() > 0.05
+    real = model.downsampler.forward
+
+    def green_dies(*args):
+        out = real(*args)
+        return torch.cat([out[:, :1], torch.full_like(out[:, 1:2], 0.2), out[:, 2:]], dim=1)
+
+    model.downsampler.forward = green_dies
+    with caplog.at_level("WARNING", logger="msad.thumbdet"), EventStorage(123):
+        model(batch)
+        model(batch)  # still dead: warned once, not at every step
+    warnings = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
+    assert len(warnings) == 1 and "channel(s) [1] constant at iteration 123" in warnings[0]
+    assert model.constant_thumbnail_channels == [1]
 
 
 def test_unknown_factor_is_named():
@@ -155,3 +225,78 @@ def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path
     h, w = dicts[0]["height"], dicts[0]["width"]
     assert picture.shape == (28 + 2 * h, 3 * 2 * w, 3)
     assert os.path.basename(path) == f"thumbnails_{dicts[0]['image_id']}.png"
+
+
+def train_thumbdet(teacher_weights, out, seed, pushed_weights=None):
+    """The quickstart ThumbDet 4x for 30 iterations (warm-up 10) through train_net_S.py's trainer."""
+    import train_net_S
+    from detectron2.utils.env import seed_all_rng
+
+    cfg = thumbdet_cfg(teacher_weights, "SEED", seed, "SOLVER.MAX_ITER", 30,
+                       "MODEL.THUMBDET.WARMUP_ITERS", 10, "DATASETS.TEST", "()",
+                       "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(out))
+    cfg.freeze()
+    seed_all_rng(seed)  # as default_setup does in train_net_S.py
+    trainer = train_net_S.StudentTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    if pushed_weights is not None:
+        trainer.model.downsampler.load_state_dict(pushed_weights)
+    trainer.train()
+    return trainer
+
+
+def thumbnail_statistics(cfg, model, dataset_dicts):
+    """Per image: (image channel means, thumbnail channel means, thumbnail channel stds)."""
+    from quickstart import model_input
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for d in dataset_dicts:
+            images = model.preprocess_image([model_input(cfg, d)])
+            unit = model.unit_range(images.tensor)
+            h, w = d["height"], d["width"]
+            thumb = model.thumbnail(unit, images.image_sizes)[0, :, :math.ceil(h / 4),
+                                                              :math.ceil(w / 4)].flatten(1)
+            out.append((unit[0, :, :h, :w].flatten(1).mean(1), thumb.mean(1), thumb.std(1)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def briefly_trained_hr_fcos(tmp_path_factory):
+    """The quickstart HR FCOS after 40 iterations: a teacher whose BatchNorm statistics are
+    those of real features (a random one's make its features, and the mimic loss, explode)."""
+    from detectron2.utils.env import seed_all_rng
+    from msad.engine import Trainer
+
+    out = tmp_path_factory.mktemp("hr40")
+    cfg = quickstart_cfg("hr_baseline", "SOLVER.MAX_ITER", 40, "DATASETS.TEST", "()",
+                         "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(out))
+    cfg.freeze()
+    seed_all_rng(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return str(out / "model_final.pth")
+
+
+@pytest.mark.slow
+def test_learned_thumbnail_stays_an_image_over_seeds_and_from_pushed_weights(
+        briefly_trained_hr_fcos, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    val = DatasetCatalog.get("msad_synth_val")[:4]
+    teacher = briefly_trained_hr_fcos
+    dark = LearnedDownsampler(4)
+    with torch.no_grad():  # what killed the paper's ReLU output: a correction far below zero
+        dark.conv1.weight.uniform_(0.0, 0.5)
+        dark.conv2.weight.fill_(-0.5)
+    runs = [(seed, None) for seed in range(5)] + [(0, dark.state_dict())]
+    for seed, pushed in runs:
+        trainer = train_thumbdet(teacher, tmp_path / f"{seed}-{pushed is None}", seed, pushed)
+        spreads = trainer.storage.history("thumbnail_min_channel_std").values()
+        assert len(spreads) == 30 and min(v for v, _ in spreads) > CONSTANT_CHANNEL_STD
+        assert trainer.model.constant_thumbnail_channels == []
+        for image_mean, thumb_mean, thumb_std in thumbnail_statistics(trainer.cfg, trainer.model, val):
+            assert (thumb_std > 10 * CONSTANT_CHANNEL_STD).all(), (seed, thumb_std)
+            assert (thumb_mean - image_mean).abs().max() < 0.1, (seed, thumb_mean, image_mean)

@@ -5,7 +5,8 @@
     python tools/plot_ap_vs_cost.py --run "HR FCOS=output/HR-FCOS-R50" --run ... \\
         --costs output/capacity.json [--latency output/benchmark.json]
 
-Reads either the quickstart's summary.json (AP, GMACs and ms per image for each model), or
+Reads either the quickstart's summary.json (AP, with its std over seeds as an error bar, GMACs
+and ms per image for each model), or
 Detectron2 output directories (the last "bbox/AP" in their metrics.json) matched by model name
 to the end-to-end table of tools/measure_capacity.py and, optionally, by config to the results
 of tools/benchmark.py.  Writes PREFIX.png and PREFIX.svg.
@@ -63,7 +64,8 @@ def plot(points, prefix, title):
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for p in points:
-            ax.scatter(p[key], p["AP"], s=40)
+            # Several seeds: the mean with a bar of one standard deviation either side.
+            ax.errorbar(p[key], p["AP"], yerr=p.get("AP_std"), fmt="o", markersize=6, capsize=3)
             ax.annotate(p["model"], (p[key], p["AP"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
         ax.set_xlabel(label)
@@ -92,8 +94,9 @@ def main():
     args = parser.parse_args()
     if args.summary:
         summary = json.load(open(args.summary))
-        points = [{"model": r["model"], "AP": r["AP"], "gmacs": r["gmacs"],
-                   "ms_per_image": r["ms_per_image"]} for r in summary["rows"]]
+        points = [{"model": r["model"], "AP": r["AP"], "AP_std": r.get("AP_std"),
+                   "gmacs": r["gmacs"], "ms_per_image": r["ms_per_image"]}
+                  for r in summary["rows"]]
         prefix = args.output or os.path.join(os.path.dirname(args.summary), "ap_vs_cost")
     elif args.run and args.costs:
         points = points_from_runs(args.run, args.costs, args.latency)

@@ -2,15 +2,20 @@
 """The main job: MSAD end to end on the bundled synthetic data, on the CPU.
 
 Trains the HR single-scale FCOS, the multi-scale teacher, the LR FCOS without distillation, the
-student distilled from that teacher, and the 4x-thumbnail detectors (bicubic, and ThumbDet's
-learned down-sampler distilled from the HR FCOS) (configs/quickstart/), evaluates each on the
-val split, times inference, and prints one table.  Writes into --output (default output/quickstart/):
-summary.json (the table), detections.png (one val image: its ground truth, then each model's
-best detections), thumbnails_<id>.png (source, bicubic and learned 4x thumbnails),
-ap_vs_cost.png/.svg (AP against GMACs and against latency) and each
-model's own Detectron2 output directory.
+same LR FCOS started from the teacher's weights without distillation (the ablation), the student
+distilled from that teacher, and the 4x-thumbnail detectors (bicubic, and ThumbDet's learned
+down-sampler distilled from the HR FCOS) (configs/quickstart/), evaluates each on the val split,
+times inference, and prints one table.  Every stage is seeded (SEED of the configs, or --seed),
+so a rerun on the same machine prints the same APs; --seeds N trains every model N times (seeds
+--seed, --seed + 1, ...) and shows the mean ± std over them.  Writes into --output (default
+output/quickstart/): seed<S>/<model>/ (each model's Detectron2 output directory) and
+seed<S>/<model>.log, summary.json (the table, with each seed's metrics), detections.png (one val
+image: its ground truth, then each model's best detections), thumbnails_<id>.png (source,
+bicubic and learned 4x thumbnails) and ap_vs_cost.png/.svg (AP against GMACs and against
+latency); the pictures, GMACs and timings use the first seed's models.
 
-    python tools/quickstart.py [--output DIR] [--reuse-trained] [CONFIG OVERRIDES for every model]
+    python tools/quickstart.py [--output DIR] [--seed S] [--seeds N] [--reuse-trained]
+        [CONFIG OVERRIDES for every model]
 """
 import argparse
 import json
@@ -56,6 +61,8 @@ STAGES = (
     ("teacher", "MSAD teacher", "train_net_T.py", "configs/quickstart/teacher.yaml", {}),
     ("lr_baseline", "LR FCOS, no distillation", "train_net_T.py",
      "configs/quickstart/lr_baseline.yaml", {}),
+    ("lr_teacher_init", "LR FCOS, teacher init, no distillation", "train_net_S.py",
+     "configs/quickstart/lr_teacher_init.yaml", {"MODEL.MSAD.TEACHER.WEIGHTS": "teacher"}),
     ("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml",
      {"MODEL.MSAD.TEACHER.WEIGHTS": "teacher"}),
     ("bicubic_4x", "bicubic 4x thumbnail FCOS", "train_net_S.py",
@@ -64,6 +71,7 @@ STAGES = (
      "configs/quickstart/thumbdet_4x.yaml", {"MODEL.MSAD.TEACHER.WEIGHTS": "hr_baseline"}),
 )
 MACS_SIZE = (256, 256)  # every bundled image pads to one 256x256 tile
+METRICS = ("AP", "APs", "APm", "APl")
 ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
 
 
@@ -72,14 +80,20 @@ def fmt(seconds):
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def stage_opts(name, output, overrides):
-    opts = ["OUTPUT_DIR", os.path.join(output, name)] + overrides
+def seed_dir(output, seed):
+    return os.path.join(output, f"seed{seed}")
+
+
+def stage_opts(name, output, seed, overrides):
+    """Overrides of one stage of one seed: its own output directory, seed and weights."""
+    run_dir = seed_dir(output, seed)
+    opts = ["OUTPUT_DIR", os.path.join(run_dir, name), "SEED", str(seed)] + overrides
     for key, source in next(stage[4] for stage in STAGES if stage[0] == name).items():
-        opts += [key, os.path.join(output, source, "model_final.pth")]
+        opts += [key, os.path.join(run_dir, source, "model_final.pth")]
     return opts
 
 
-def train(index, name, script, config, opts, log_path, progress):
+def train(tag, script, config, opts, log_path, progress):
     """Run one training script, echoing a progress line per Detectron2 log line with an ETA."""
     cfg = load_config(os.path.join(REPO, config), opts)
     max_iter = cfg.SOLVER.MAX_ITER
@@ -93,17 +107,17 @@ def train(index, name, script, config, opts, log_path, progress):
             match = ETA_LINE.search(line)
             if match:
                 days, h, m, s, it = (int(g or 0) for g in match.groups())
-                progress(index, name, int(it) + 1, max_iter, days * 86400 + h * 3600 + m * 60 + s,
+                progress(tag, int(it) + 1, max_iter, days * 86400 + h * 3600 + m * 60 + s,
                          time.time() - start)
         if proc.wait() != 0:
-            raise SystemExit(f"quickstart: {name} failed (exit {proc.returncode}); see {log_path}")
+            raise SystemExit(f"quickstart: {tag} failed (exit {proc.returncode}); see {log_path}")
     return time.time() - start, max_iter
 
 
 def final_metrics(output_dir):
     """AP, AP_S/M/L of the model's last evaluation; None for a size class the split lacks."""
     found = last_bbox_metrics(output_dir)
-    return {k: None if found[k] != found[k] else found[k] for k in ("AP", "APs", "APm", "APl")}
+    return {k: None if found[k] != found[k] else found[k] for k in METRICS}
 
 
 def load_model(config, opts, weights):
@@ -163,9 +177,50 @@ def top_detections(model, sample, keep, score_thresh=0.3):
     return instances[instances.scores.argsort(descending=True)[:keep]]
 
 
+def summarise(per_seed):
+    """Mean and sample standard deviation over seeds of each metric (std None for one seed)."""
+    out = {}
+    for key in METRICS:
+        values = [m[key] for m in per_seed.values()]
+        if any(v is None for v in values):
+            out[key] = out[f"{key}_std"] = None
+            continue
+        out[key] = statistics.mean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    return out
+
+
+def format_table(rows, seeds):
+    """One value per metric for one seed; mean ± std and each seed's AP for several."""
+    several = len(seeds) > 1
+    width = 15 if several else 7
+
+    def cell(row, key):
+        if row[key] is None:
+            return f"{'n/a':>{width}}"
+        return f"{row[key]:9.2f} ± {row[key + '_std']:4.2f}" if several else f"{row[key]:7.2f}"
+
+    header = (f"{'model':<40}" + "".join(f"{k:>{width}}" for k in ("AP", "AP_S", "AP_M", "AP_L"))
+              + (f"  {'AP of seeds ' + ','.join(map(str, seeds)):<22}" if several else "")
+              + f"  {'backbone input':<17}{'GMACs':>7}{'ms/img':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = f"{r['model']:<40}" + "".join(cell(r, k) for k in METRICS)
+        if several:
+            aps = " ".join(f"{r['per_seed'][str(s)]['AP']:.2f}" for s in seeds)
+            line += f"  {aps:<22}"
+        lines.append(line + f"  {r['backbone_input']:<17}{r['gmacs']:7.2f}{r['ms_per_image']:7.1f}")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/quickstart")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the first run (default: SEED of the quickstart configs, 0)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every model this many times, with seeds --seed, --seed + 1, "
+                        "...; the table shows mean ± std over them")
     parser.add_argument("--timing-images", type=int, default=22)
     parser.add_argument("--reuse-trained", action="store_true",
                         help="skip training a model whose model_final.pth is already in --output")
@@ -174,37 +229,51 @@ def main():
     args = parser.parse_args()
     if args.timing_images < 3:
         parser.error(f"--timing-images must be at least 3 (two are warm-up), got {args.timing_images}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    for key, flag in (("SEED", "--seed"), ("OUTPUT_DIR", "--output")):
+        if key in args.overrides[::2]:
+            parser.error(f"set {key} with {flag}: the tool gives each stage its own")
+    if args.seed is None:
+        args.seed = load_config(os.path.join(REPO, STAGES[0][3]), args.overrides).SEED
+    seeds = list(range(args.seed, args.seed + args.seeds))
     args.output = os.path.abspath(args.output)  # the training scripts run from the repository
     os.makedirs(args.output, exist_ok=True)
 
-    def trained(name):
-        return args.reuse_trained and os.path.isfile(os.path.join(args.output, name, "model_final.pth"))
+    def trained(name, seed):
+        return args.reuse_trained and os.path.isfile(
+            os.path.join(seed_dir(args.output, seed), name, "model_final.pth"))
 
     total_iters = sum(load_config(os.path.join(REPO, stage[3]), args.overrides).SOLVER.MAX_ITER
-                      for stage in STAGES if not trained(stage[0]))
+                      for seed in seeds for stage in STAGES if not trained(stage[0], seed))
     done = {"iters": 0, "seconds": 0.0}
     job_start = time.time()
 
-    def progress(index, name, it, max_iter, stage_eta, stage_elapsed):
+    def progress(tag, it, max_iter, stage_eta, stage_elapsed):
         # Remaining stages are estimated at the mean seconds per iteration seen so far.
         seen = (done["seconds"] + stage_elapsed) / max(1, done["iters"] + it)
         rest = (total_iters - done["iters"] - max_iter) * seen
-        print(f"[{index}/{len(STAGES)} {name}] iter {it}/{max_iter}  stage ETA {fmt(stage_eta)}"
+        print(f"[{tag}] iter {it}/{max_iter}  stage ETA {fmt(stage_eta)}"
               f"  total ETA ~{fmt(stage_eta + rest)}  elapsed {fmt(time.time() - job_start)}",
               flush=True)
 
-    for index, (name, label, script, config, _) in enumerate(STAGES, 1):
-        if trained(name):
-            print(f"[{index}/{len(STAGES)} {name}] reusing {args.output}/{name}", flush=True)
-            continue
-        print(f"[{index}/{len(STAGES)} {name}] training {label} ({config})", flush=True)
-        # The stage's directory is this job's own output: a rerun replaces it.
-        shutil.rmtree(os.path.join(args.output, name), ignore_errors=True)
-        seconds, iters = train(index, name, script, config,
-                               stage_opts(name, args.output, args.overrides),
-                               os.path.join(args.output, f"{name}.log"), progress)
-        done["iters"] += iters
-        done["seconds"] += seconds
+    for seed in seeds:
+        for index, (name, label, script, config, _) in enumerate(STAGES, 1):
+            tag = (f"seed {seed}, " if len(seeds) > 1 else "") + f"{index}/{len(STAGES)} {name}"
+            stage_dir = os.path.join(seed_dir(args.output, seed), name)
+            if trained(name, seed):
+                print(f"[{tag}] reusing {stage_dir}", flush=True)
+                continue
+            print(f"[{tag}] training {label} ({config}, SEED {seed})", flush=True)
+            # The stage's directory is this job's own output: a rerun replaces it.
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            os.makedirs(seed_dir(args.output, seed), exist_ok=True)
+            seconds, iters = train(tag, script, config,
+                                   stage_opts(name, args.output, seed, args.overrides),
+                                   stage_dir + ".log", progress)
+            done["iters"] += iters
+            done["seconds"] += seconds
+    train_seconds = time.time() - job_start
 
     print("Timing inference and drawing detections ...", flush=True)
     val = DatasetCatalog.get("msad_synth_val")
@@ -216,40 +285,41 @@ def main():
                     labels=[metadata.thing_classes[a["category_id"]] for a in gt])]
     rows = []
     for name, label, _, config, _ in STAGES:
-        out_dir = os.path.join(args.output, name)
-        cfg, model = load_model(config, stage_opts(name, args.output, args.overrides),
-                                os.path.join(out_dir, "model_final.pth"))
+        per_seed = {str(s): final_metrics(os.path.join(seed_dir(args.output, s), name))
+                    for s in seeds}
+        # Cost and pictures do not depend on the seed: the first seed's model stands for all.
+        cfg, model = load_model(config, stage_opts(name, args.output, seeds[0], args.overrides),
+                                os.path.join(seed_dir(args.output, seeds[0]), name,
+                                             "model_final.pth"))
         samples = [model_input(cfg, d) for d in val[: args.timing_images]]
-        rows.append({"model": label, "name": name, **final_metrics(out_dir),
+        rows.append({"model": label, "name": name, **summarise(per_seed), "per_seed": per_seed,
                      "backbone_input": " + ".join(backbone_inputs(model, samples[0])),
                      "gmacs": model_macs(model, MACS_SIZE)[0]["total"] / 1e9,
                      "ms_per_image": time_inference(model, samples)})
         panels.append(panel(image_rgb, metadata, label,
                             instances=top_detections(model, samples[0], keep=len(gt) + 3)))
 
-    header = (f"{'model':<26}{'AP':>7}{'AP_S':>7}{'AP_M':>7}{'AP_L':>7}  {'backbone input':<17}"
-              f"{'GMACs':>7}{'ms/img':>7}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        aps = "".join("    n/a" if r[k] is None else f"{r[k]:7.2f}" for k in ("AP", "APs", "APm", "APl"))
-        lines.append(f"{r['model']:<26}{aps}  {r['backbone_input']:<17}{r['gmacs']:7.2f}"
-                     f"{r['ms_per_image']:7.1f}")
-    table = "\n".join(lines)
+    table = format_table(rows, seeds)
     print(table)
     with open(os.path.join(args.output, "summary.json"), "w") as f:
-        json.dump({"rows": rows, "device": cfg.MODEL.DEVICE, "torch_threads": torch.get_num_threads(),
-                   "val_images": len(val),
-                   "timing_images": min(args.timing_images, len(val)) - 2}, f, indent=2)
+        json.dump({"seeds": seeds, "rows": rows, "device": cfg.MODEL.DEVICE,
+                   "torch_threads": torch.get_num_threads(), "val_images": len(val),
+                   "timing_images": min(args.timing_images, len(val)) - 2,
+                   "train_seconds": round(train_seconds)}, f, indent=2)
     picture = os.path.join(args.output, "detections.png")
     cv2.imwrite(picture, cv2.cvtColor(grid(panels, columns=4), cv2.COLOR_RGB2BGR))
-    thumbdet_cfg, thumbdet = load_model("configs/quickstart/thumbdet_4x.yaml",
-                             stage_opts("thumbdet_4x", args.output, args.overrides),
-                             os.path.join(args.output, "thumbdet_4x", "model_final.pth"))
+    first = seed_dir(args.output, seeds[0])
+    thumbdet_cfg, thumbdet = load_model(
+        "configs/quickstart/thumbdet_4x.yaml",
+        stage_opts("thumbdet_4x", args.output, seeds[0], args.overrides),
+        os.path.join(first, "thumbdet_4x", "model_final.pth"))
     thumbnails = write_comparisons(thumbdet, val[:2], args.output, thumbdet_cfg.INPUT.FORMAT)
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {seeds}"
     plots = plot(rows, os.path.join(args.output, "ap_vs_cost"),
-                 f"Quickstart models on msad_synth_val (CPU, {torch.get_num_threads()} threads)")
+                 f"Quickstart models on msad_synth_val ({seeds_text}; CPU, "
+                 f"{torch.get_num_threads()} threads)")
     print(f"Wrote {args.output}/summary.json, {picture}, {', '.join(thumbnails)} and "
-          f"{', '.join(plots)} in {fmt(time.time() - job_start)}")
+          f"{', '.join(plots)} in {fmt(time.time() - job_start)} (training {fmt(train_seconds)})")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def compare(model, image_rgb, input_format="RGB"):
     image = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1)),
                             dtype=torch.float32)
     with torch.no_grad():
-        unit = model.unit_range(model.preprocess_image([{"image": image}]).tensor)
-        thumbs = {"bicubic": downsample(unit, f, "bicubic"), "learned": model.thumbnail(unit)}
+        images = model.preprocess_image([{"image": image}])
+        unit = model.unit_range(images.tensor)
+        thumbs = {"bicubic": downsample(unit, f, "bicubic"),
+                  "learned": model.thumbnail(unit, images.image_sizes)}
     panels = [titled(cv2.resize(image_rgb, size, interpolation=cv2.INTER_NEAREST),
                      f"source {w}x{h}")]
     th, tw = math.ceil(h / f), math.ceil(w / f)
