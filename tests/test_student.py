@@ -63,6 +63,25 @@ def test_student_distillation_loss_is_alpha_t2_warmup_l1(teacher_files, tmp_path
     assert {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"} <= set(losses)
 
 
+def test_without_distillation_the_teacher_only_initialises_the_student(teacher_files, tmp_path):
+    """configs/quickstart/lr_teacher_init.yaml: the student's recipe with KD_ALPHA 0, the
+    ablation that separates distillation from starting at the teacher's weights."""
+    cfg = student_cfg(teacher_files, tmp_path, "MODEL.MSAD.KD_ALPHA", 0.0)
+    assert quickstart_cfg("lr_teacher_init").MODEL.MSAD.KD_ALPHA == 0.0
+    student = student_with_teacher(cfg).train()
+    student.init_from_teacher()
+    teacher_state = student.teacher.state_dict()
+    assert all(torch.equal(v, teacher_state[k]) for k, v in student.state_dict().items())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the teacher ran although nothing is distilled")
+
+    student.teacher.multiscale_features = student.teacher.preprocess_image = boom
+    with EventStorage(0):
+        losses = student(_inputs([(200, 240)]))
+    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+
+
 @pytest.mark.parametrize("iteration,factor", [(0, 0.0), (250, 0.5), (500, 1.0), (1000, 1.0)])
 def test_warmup_factor(iteration, factor):
     assert warmup_factor(iteration, 500) == factor

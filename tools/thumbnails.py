@@ -2,7 +2,7 @@
 """Show what a ThumbDet down-sampler learned: source | bicubic thumbnail | learned thumbnail.
 
     python tools/thumbnails.py --config-file configs/quickstart/thumbdet_4x.yaml \\
-        --weights output/quickstart/thumbdet_4x/model_final.pth [--num-images 4] [--output DIR]
+        --weights output/quickstart/seed0/thumbdet_4x/model_final.pth [--num-images 4] [--output DIR]
 
 Writes one PNG per image, the three shown at the same display size (thumbnails enlarged with
 nearest-neighbour, so their real pixels stay visible), into --output (default: beside the

@@ -1,0 +1,37 @@
+"""The main job repeats: seeded stages, the same APs from two runs, another seed another result."""
+import json
+
+import pytest
+
+from test_tools import run_tool
+
+
+def quickstart(output, *args):
+    proc = run_tool("quickstart.py", "--output", output, "--timing-images", 3, *args,
+                    "SOLVER.MAX_ITER", 10)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((output / "summary.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_a_rerun_prints_the_same_aps_and_another_seed_other_aps(tmp_path):
+    both, both_table = quickstart(tmp_path / "a", "--seeds", 2)
+    again, _ = quickstart(tmp_path / "b", "--seed", 1)
+    assert both["seeds"] == [0, 1] and again["seeds"] == [1]
+    assert [r["per_seed"]["1"] for r in both["rows"]] == [r["per_seed"]["1"] for r in again["rows"]]
+    assert [r["per_seed"]["0"] for r in both["rows"]] != [r["per_seed"]["1"] for r in both["rows"]]
+    assert any(r["AP"] > 0 for r in again["rows"])
+    # Several seeds: mean ± std over them, and each seed's AP.
+    row = both["rows"][0]
+    assert row["AP"] == pytest.approx((row["per_seed"]["0"]["AP"] + row["per_seed"]["1"]["AP"]) / 2)
+    assert "±" in both_table and "AP of seeds 0,1" in both_table
+    assert (tmp_path / "a" / "seed1" / "thumbdet_4x" / "model_final.pth").exists()
+
+
+def test_seed_and_output_are_set_by_the_tool_not_by_overrides(tmp_path):
+    for args, message in ((["--seeds", 0], "--seeds must be at least 1"),
+                          (["SEED", 3], "set SEED with --seed"),
+                          (["OUTPUT_DIR", tmp_path], "set OUTPUT_DIR with --output")):
+        proc = run_tool("quickstart.py", "--output", tmp_path / "out", *args)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
