@@ -100,7 +100,8 @@ def add_msad_config(cfg):
     # P2-P6 sit on the full image's P3-P7 grid at 2x and P4-P8 at 4x.
     _C.MODEL.THUMBDET.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     # Image-statistics loss: STATS_WEIGHT x (MSE of per-channel means + STATS_VAR_WEIGHT x MSE
-    # of per-channel variances) between the [0, 1] image and its thumbnail.
+    # of per-channel variances) between the [0, 1] image and its thumbnail.  The learned
+    # down-sampler keeps each channel's mean by construction, so mostly the variances train.
     _C.MODEL.THUMBDET.STATS_WEIGHT = 1.0
     _C.MODEL.THUMBDET.STATS_VAR_WEIGHT = 0.1  # the variances' share of that loss
     # The first WARMUP_ITERS iterations train the statistics loss alone (official: 5 of 110

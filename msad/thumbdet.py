@@ -58,8 +58,8 @@ class LearnedDownsampler(nn.Module):
     * The correction's mean over each image's own thumbnail pixels is removed (and it is zero
       on the padding), so a channel's mean stays the bicubic thumbnail's, i.e. the image's.
       The statistics loss asks for that, but FCOS with batch-statistics BatchNorm hardly sees a
-      uniform shift of a channel, and that loss alone let the mean drift by 0.27 within 20
-      detection iterations; the variances are still left to it.
+      uniform shift of a channel, and that loss alone let a mean drift by 0.27 in the first 20
+      detection iterations of a short test run; the variances are still left to it.
     """
 
     def __init__(self, factor, hidden_channels=12):
