@@ -1,8 +1,14 @@
 """The main job repeats: seeded stages, the same APs from two runs, another seed another result."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from conftest import REPO
 from test_tools import run_tool
 
 
@@ -35,3 +41,20 @@ def test_seed_and_output_are_set_by_the_tool_not_by_overrides(tmp_path):
         proc = run_tool("quickstart.py", "--output", tmp_path / "out", *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stopped_quickstart_stops_its_running_stage(tmp_path):
+    """SIGTERM (a scheduler, a timeout) must not leave a training process running alone."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "quickstart.py"),
+                             "--output", str(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    deadline = time.time() + 120
+    stage = []
+    while not stage and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+        stage = open(children).read().split()
+    assert stage, f"no training stage started: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not os.path.exists(f"/proc/{stage[0]}")

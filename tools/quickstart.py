@@ -23,6 +23,7 @@ import os
 import re
 import statistics
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -102,13 +103,18 @@ def train(tag, script, config, opts, log_path, progress):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
-        for line in proc.stdout:
-            log.write(line)
-            match = ETA_LINE.search(line)
-            if match:
-                days, h, m, s, it = (int(g or 0) for g in match.groups())
-                progress(tag, int(it) + 1, max_iter, days * 86400 + h * 3600 + m * 60 + s,
-                         time.time() - start)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                match = ETA_LINE.search(line)
+                if match:
+                    days, h, m, s, it = (int(g or 0) for g in match.groups())
+                    progress(tag, int(it) + 1, max_iter, days * 86400 + h * 3600 + m * 60 + s,
+                             time.time() - start)
+        except BaseException:  # Ctrl-C, SIGTERM: do not leave the training running alone
+            proc.kill()
+            proc.wait()
+            raise
         if proc.wait() != 0:
             raise SystemExit(f"quickstart: {tag} failed (exit {proc.returncode}); see {log_path}")
     return time.time() - start, max_iter
@@ -214,6 +220,8 @@ def format_table(rows, seeds):
 
 
 def main():
+    # SIGTERM (a scheduler, a timeout) unwinds like Ctrl-C, so the running stage is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/quickstart")
     parser.add_argument("--seed", type=int,
