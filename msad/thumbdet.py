@@ -80,8 +80,16 @@ class LearnedDownsampler(nn.Module):
         mask = torch.zeros_like(correction[:, :1])
         for i, (h, w) in enumerate(image_sizes or [x.shape[-2:]] * len(x)):
             mask[i, :, :math.ceil(h / self.factor), :math.ceil(w / self.factor)] = 1.0
-        mean = (correction * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True)
+        mean = ((correction * mask).sum(dim=(2, 3), keepdim=True)
+                / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0))
         return resized + (correction - mean) * mask
+
+
+def channel_statistics(images):
+    """Mean and variance of each channel of each CHW image of a list: two N x C tensors."""
+    flat = [x.flatten(1) for x in images]
+    return (torch.stack([f.mean(dim=1) for f in flat]),
+            torch.stack([f.var(dim=1, unbiased=False) for f in flat]))
 
 
 def image_statistics_loss(source, thumb, var_weight=0.1):
@@ -89,18 +97,8 @@ def image_statistics_loss(source, thumb, var_weight=0.1):
 
     `source` and `thumb` are lists of CHW images (each image's own, unpadded region).
     """
-    def stats(images):
-        flat = [x.flatten(1) for x in images]
-        return (torch.stack([f.mean(dim=1) for f in flat]),
-                torch.stack([f.var(dim=1, unbiased=False) for f in flat]))
-
-    (mean_s, var_s), (mean_t, var_t) = stats(source), stats(thumb)
+    (mean_s, var_s), (mean_t, var_t) = channel_statistics(source), channel_statistics(thumb)
     return F.mse_loss(mean_t, mean_s) + var_weight * F.mse_loss(var_t, var_s)
-
-
-def channel_std(images):
-    """Standard deviation of each channel over all pixels of a list of CHW images."""
-    return torch.cat([x.flatten(1) for x in images], dim=1).std(dim=1)
 
 
 def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, t_squared=True):
@@ -236,19 +234,24 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         return losses
 
     def watch_thumbnail(self, source, thumbs):
-        """Log the thumbnail's smallest channel spread; warn when a channel goes constant."""
+        """Log the smallest channel spread of the thumbnails; warn when a channel goes constant
+        in an image whose own channel is not (each image on its own: the correction keeps each
+        image's mean, so a dead channel is flat within an image, not across the batch).  Under
+        DDP each process watches its own images; metrics.json records the first process's."""
         with torch.no_grad():
-            source_std, thumb_std = channel_std(source).tolist(), channel_std(thumbs).tolist()
+            std = torch.stack([channel_statistics(images)[1] for images in (source, thumbs)])
+            source_std, thumb_std = std.sqrt().tolist()  # one device sync per step
         storage = get_event_storage()
-        storage.put_scalar("thumbnail_min_channel_std", min(thumb_std), smoothing_hint=False)
-        constant = [c for c, (s, t) in enumerate(zip(source_std, thumb_std))
-                    if t < CONSTANT_CHANNEL_STD <= s]
+        storage.put_scalar("thumbnail_min_channel_std", min(map(min, thumb_std)),
+                           smoothing_hint=False)
+        constant = sorted({c for s_image, t_image in zip(source_std, thumb_std)
+                           for c, (s, t) in enumerate(zip(s_image, t_image))
+                           if t < CONSTANT_CHANNEL_STD <= s})
         if constant and constant != self.constant_thumbnail_channels:
             logger.warning(
-                "ThumbDet: learned thumbnail channel(s) %s constant at iteration %d (std %s, "
-                "the images' %s): the down-sampler's output has died there",
-                constant, storage.iter, [f"{thumb_std[c]:.2g}" for c in constant],
-                [f"{source_std[c]:.2g}" for c in constant])
+                "ThumbDet: learned thumbnail channel(s) %s constant at iteration %d in an image "
+                "whose own channel is not: the down-sampler's output has died there",
+                constant, storage.iter)
         self.constant_thumbnail_channels = constant
 
     def distillation_losses(self, batched_inputs, features, predictions, phase):

@@ -66,8 +66,12 @@ def test_student_distillation_loss_is_alpha_t2_warmup_l1(teacher_files, tmp_path
 def test_without_distillation_the_teacher_only_initialises_the_student(teacher_files, tmp_path):
     """configs/quickstart/lr_teacher_init.yaml: the student's recipe with KD_ALPHA 0, the
     ablation that separates distillation from starting at the teacher's weights."""
+    ablation, student = quickstart_cfg("lr_teacher_init"), quickstart_cfg("student")
+    assert ablation.MODEL.MSAD.KD_ALPHA == 0.0 and student.MODEL.MSAD.KD_ALPHA > 0
+    ablation.MODEL.MSAD.KD_ALPHA = student.MODEL.MSAD.KD_ALPHA
+    ablation.OUTPUT_DIR = student.OUTPUT_DIR
+    assert ablation == student  # the student's recipe otherwise, teacher init included
     cfg = student_cfg(teacher_files, tmp_path, "MODEL.MSAD.KD_ALPHA", 0.0)
-    assert quickstart_cfg("lr_teacher_init").MODEL.MSAD.KD_ALPHA == 0.0
     student = student_with_teacher(cfg).train()
     student.init_from_teacher()
     teacher_state = student.teacher.state_dict()
@@ -76,7 +80,7 @@ def test_without_distillation_the_teacher_only_initialises_the_student(teacher_f
     def boom(*args, **kwargs):
         raise AssertionError("the teacher ran although nothing is distilled")
 
-    student.teacher.multiscale_features = student.teacher.preprocess_image = boom
+    student.teacher.distillation_features = student.teacher.preprocess_image = boom
     with EventStorage(0):
         losses = student(_inputs([(200, 240)]))
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}

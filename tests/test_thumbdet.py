@@ -99,8 +99,10 @@ def test_a_constant_thumbnail_channel_is_warned_with_its_iteration(hr_teacher_we
     real = model.downsampler.forward
 
     def green_dies(*args):
+        # As it would with this down-sampler: flat within each image, at each image's own mean.
         out = real(*args)
-        return torch.cat([out[:, :1], torch.full_like(out[:, 1:2], 0.2), out[:, 2:]], dim=1)
+        green = out[:, 1:2].mean(dim=(2, 3), keepdim=True).expand_as(out[:, 1:2])
+        return torch.cat([out[:, :1], green, out[:, 2:]], dim=1)
 
     model.downsampler.forward = green_dies
     with caplog.at_level("WARNING", logger="msad.thumbdet"), EventStorage(123):
@@ -228,7 +230,7 @@ def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path
 
 
 def train_thumbdet(teacher_weights, out, seed, pushed_weights=None):
-    """The quickstart ThumbDet 4x for 30 iterations (warm-up 10) through train_net_S.py's trainer."""
+    """The quickstart ThumbDet 4x, 30 iterations (warm-up 10), through train_net_S.py's trainer."""
     import train_net_S
     from detectron2.utils.env import seed_all_rng
 
@@ -297,6 +299,7 @@ def test_learned_thumbnail_stays_an_image_over_seeds_and_from_pushed_weights(
         spreads = trainer.storage.history("thumbnail_min_channel_std").values()
         assert len(spreads) == 30 and min(v for v, _ in spreads) > CONSTANT_CHANNEL_STD
         assert trainer.model.constant_thumbnail_channels == []
-        for image_mean, thumb_mean, thumb_std in thumbnail_statistics(trainer.cfg, trainer.model, val):
+        statistics = thumbnail_statistics(trainer.cfg, trainer.model, val)
+        for image_mean, thumb_mean, thumb_std in statistics:
             assert (thumb_std > 10 * CONSTANT_CHANNEL_STD).all(), (seed, thumb_std)
             assert (thumb_mean - image_mean).abs().max() < 0.1, (seed, thumb_mean, image_mean)

@@ -239,11 +239,21 @@ def main():
         parser.error(f"--timing-images must be at least 3 (two are warm-up), got {args.timing_images}")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.overrides[:1] == ["--"]:
+        args.overrides = args.overrides[1:]
+    misplaced = [a for a in args.overrides if a.startswith("--")]
+    if misplaced:
+        parser.error(f"options go before the config overrides: {misplaced}")
+    if len(args.overrides) % 2:
+        parser.error(f"config overrides come in KEY VALUE pairs, got {args.overrides}")
     for key, flag in (("SEED", "--seed"), ("OUTPUT_DIR", "--output")):
         if key in args.overrides[::2]:
             parser.error(f"set {key} with {flag}: the tool gives each stage its own")
     if args.seed is None:
         args.seed = load_config(os.path.join(REPO, STAGES[0][3]), args.overrides).SEED
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more (Detectron2 draws a random seed for a negative "
+                     f"one, which no rerun repeats), got {args.seed}")
     seeds = list(range(args.seed, args.seed + args.seeds))
     args.output = os.path.abspath(args.output)  # the training scripts run from the repository
     os.makedirs(args.output, exist_ok=True)
