@@ -49,6 +49,20 @@ def test_each_quickstart_config_writes_where_the_quickstart_puts_its_seed():
         assert alone == opts[1::2], name
 
 
+def test_reuse_trained_retrains_what_depends_on_a_retrained_stage(tmp_path):
+    from quickstart import STAGES, stages_to_train
+
+    everything = {stage[0] for stage in STAGES}
+    assert stages_to_train(str(tmp_path), 0, reuse_trained=False) == everything
+    assert stages_to_train(str(tmp_path), 0, reuse_trained=True) == everything
+    for name in everything - {"teacher"}:
+        os.makedirs(tmp_path / "seed0" / name)
+        (tmp_path / "seed0" / name / "model_final.pth").write_bytes(b"")
+    assert stages_to_train(str(tmp_path), 0, reuse_trained=True) == {
+        "teacher", "lr_teacher_init", "student"}  # the two that start from the teacher
+    assert stages_to_train(str(tmp_path), 1, reuse_trained=True) == everything
+
+
 def test_seed_and_output_are_set_by_the_tool_not_by_overrides(tmp_path):
     for args, message in ((["--seeds", 0], "--seeds must be at least 1"),
                           (["--seed", -1], "--seed must be 0 or more"),

@@ -94,6 +94,17 @@ def stage_opts(name, output, seed, overrides):
     return opts
 
 
+def stages_to_train(output, seed, reuse_trained):
+    """Names of the stages one seed must train: all of them, or under --reuse-trained those
+    without a model_final.pth and those that take weights from a stage trained again."""
+    names = set()
+    for name, _, _, _, sources in STAGES:
+        final = os.path.join(seed_dir(output, seed), name, "model_final.pth")
+        if not (reuse_trained and os.path.isfile(final)) or names & set(sources.values()):
+            names.add(name)
+    return names
+
+
 def train(tag, script, config, opts, log_path, progress):
     """Run one training script, echoing a progress line per Detectron2 log line with an ETA."""
     cfg = load_config(os.path.join(REPO, config), opts)
@@ -258,9 +269,10 @@ def main():
     args.output = os.path.abspath(args.output)  # the training scripts run from the repository
     os.makedirs(args.output, exist_ok=True)
 
+    to_train = {seed: stages_to_train(args.output, seed, args.reuse_trained) for seed in seeds}
+
     def trained(name, seed):
-        return args.reuse_trained and os.path.isfile(
-            os.path.join(seed_dir(args.output, seed), name, "model_final.pth"))
+        return name not in to_train[seed]
 
     total_iters = sum(load_config(os.path.join(REPO, stage[3]), args.overrides).SOLVER.MAX_ITER
                       for seed in seeds for stage in STAGES if not trained(stage[0], seed))
