@@ -222,7 +222,9 @@ def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path
 
     model = build_model(thumbdet_cfg(hr_teacher_weights)).eval()
     dicts = DatasetCatalog.get("msad_synth_val")[:1]
-    [path] = write_comparisons(model, dicts, str(tmp_path))
+    [(path, contrast)] = write_comparisons(model, dicts, str(tmp_path))
+    assert 0.8 < contrast["bicubic"] < 1.0  # bicubic blurs a little
+    assert contrast["learned"] == pytest.approx(contrast["bicubic"])  # untrained: no correction
     picture = cv2.imread(path)
     h, w = dicts[0]["height"], dicts[0]["width"]
     assert picture.shape == (28 + 2 * h, 3 * 2 * w, 3)

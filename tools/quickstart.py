@@ -343,7 +343,8 @@ def main():
         "configs/quickstart/thumbdet_4x.yaml",
         stage_opts("thumbdet_4x", args.output, seeds[0], args.overrides),
         os.path.join(first, "thumbdet_4x", "model_final.pth"))
-    thumbnails = write_comparisons(thumbdet, val[:2], args.output, thumbdet_cfg.INPUT.FORMAT)
+    thumbnails = [path for path, _ in write_comparisons(thumbdet, val[:2], args.output,
+                                                         thumbdet_cfg.INPUT.FORMAT)]
     seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {seeds}"
     plots = plot(rows, os.path.join(args.output, "ap_vs_cost"),
                  f"Quickstart models on msad_synth_val ({seeds_text}; CPU, "

@@ -6,11 +6,13 @@
 
 Writes one PNG per image, the three shown at the same display size (thumbnails enlarged with
 nearest-neighbour, so their real pixels stay visible), into --output (default: beside the
-weights).
+weights), and prints each thumbnail's contrast: its per-channel standard deviation over the
+image's (1.0 keeps the image's; bicubic blurs a little below).
 """
 import argparse
 import math
 import os
+import statistics
 import sys
 import warnings
 
@@ -40,7 +42,8 @@ def titled(image_rgb, title):
 
 
 def compare(model, image_rgb, input_format="RGB"):
-    """One RGB picture: the source, its bicubic and its learned thumbnail, equally large.
+    """One RGB picture: the source, its bicubic and its learned thumbnail, equally large; and
+    each thumbnail's contrast: its per-channel standard deviation over the image's, averaged.
 
     The model is fed the image in its INPUT.FORMAT; the thumbnails are shown in RGB.
     """
@@ -61,24 +64,29 @@ def compare(model, image_rgb, input_format="RGB"):
     panels = [titled(cv2.resize(image_rgb, size, interpolation=cv2.INTER_NEAREST),
                      f"source {w}x{h}")]
     th, tw = math.ceil(h / f), math.ceil(w / f)
+    source_std = unit[0, :, :h, :w].flatten(1).std(dim=1)
+    contrast = {}
     for name, thumb in thumbs.items():
-        pixels = (thumb[0, :, :th, :tw].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        thumb = thumb[0, :, :th, :tw]
+        contrast[name] = (thumb.flatten(1).std(dim=1) / source_std).mean().item()
+        pixels = (thumb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         if input_format != "RGB":
             pixels = np.ascontiguousarray(pixels[:, :, ::-1])
         panels.append(titled(cv2.resize(pixels, size, interpolation=cv2.INTER_NEAREST),
-                             f"{name} {f}x: {tw}x{th}"))
-    return np.hstack(panels)
+                             f"{name} {f}x: {tw}x{th}, contrast {contrast[name]:.2f}x"))
+    return np.hstack(panels), contrast
 
 
 def write_comparisons(model, dataset_dicts, output_dir, input_format="RGB"):
+    """Write one comparison picture per image; return [(its path, its thumbnails' contrast)]."""
     os.makedirs(output_dir, exist_ok=True)
-    paths = []
+    written = []
     for d in dataset_dicts:
-        picture = compare(model, read_image(d["file_name"], format="RGB"), input_format)
+        picture, contrast = compare(model, read_image(d["file_name"], format="RGB"), input_format)
         path = os.path.join(output_dir, f"thumbnails_{d['image_id']}.png")
         cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-        paths.append(path)
-    return paths
+        written.append((path, contrast))
+    return written
 
 
 def main():
@@ -95,9 +103,13 @@ def main():
     model = build_model(cfg).eval()
     SafeCheckpointer(model, source="--weights").load(args.weights)
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_images]
-    for path in write_comparisons(model, dicts, args.output or os.path.dirname(args.weights),
-                                  cfg.INPUT.FORMAT):
-        print(path)
+    written = write_comparisons(model, dicts, args.output or os.path.dirname(args.weights),
+                                cfg.INPUT.FORMAT)
+    for path, contrast in written:
+        print(path, "  contrast (thumbnail std / image std): " + ", ".join(
+            f"{name} {value:.2f}x" for name, value in contrast.items()))
+    print("mean contrast over the images: " + ", ".join(
+        f"{name} {statistics.mean(c[name] for _, c in written):.2f}x" for name in written[0][1]))
 
 
 if __name__ == "__main__":
