@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 FACTORS = (2, 4)
 DOWNSAMPLERS = ("learned", "bicubic")
 MIMIC_MODES = ("aligned", "resize")
-# A thumbnail channel whose standard deviation over the batch is below this (on [0, 1] values:
-# a quarter of one 8-bit grey level) while the images' is not has gone constant.
+# A thumbnail channel whose standard deviation within an image is below this (on [0, 1] values:
+# a quarter of one 8-bit grey level) while that image's own channel's is not has gone constant.
 CONSTANT_CHANNEL_STD = 1e-3
 
 
