@@ -1,12 +1,19 @@
-"""HR/LR pre-processing and the level pairing LR P(l) <-> HR P(l + log2 factor).
+"""Input scales, the level pairing and the padding they need: defined once, used by every model.
 
-Defined once here and used by the teacher, the single-scale FCOS (HR and LR baselines) and the
-student.  Padding the normalised batch to a multiple of 256 makes the pairing exact: a level of
-the 1/factor image has the same spatial size as the level log2(factor) steps coarser of the full
-image, so both can be trained and compared on one grid in full-resolution pixel coordinates.
+A *branch* of a detector sees the padded image at 1/factor (1 = full resolution) and reads levels
+of that input, named in the input's own terms (``p2`` of the half-size image is its stride-4
+level).  Level P(l) of the 1/f input lies on the grid of the full image's P(l + log2 f), so
+branches of different factors, and students and teachers, pair their levels by those
+full-resolution names, and every head predicts in the full image's pixels.
+
+The pairing is exact when the padded size is a multiple of every level's stride in full-image
+pixels (factor x stride): then each level is exactly 1/stride of its input and aligned levels of
+two branches have the same size.  ``required_divisibility`` is that multiple (128 for full-image
+P3-P7, alone or with half-size P2-P6); a configured ``MODEL.FCOS.SIZE_DIVISIBILITY`` may only
+raise it.
 """
 import math
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,33 +22,74 @@ from detectron2.structures import ImageList
 RESAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 
 
-def level_shift(factor) -> int:
+def level_index(name: str, key="MODEL.FCOS.IN_FEATURES") -> int:
+    if not (name[:1] == "p" and name[1:].isdigit()):
+        raise ValueError(f"{key}: {name!r} is not an FPN level name like 'p3'")
+    return int(name[1:])
+
+
+def level_shift(factor, key="MODEL.FCOS.INPUT_FACTOR") -> int:
+    """log2(factor): how many levels a 1/factor input's names sit below full resolution."""
     shift = math.log2(factor) if factor >= 1 else -1.0
     if not shift.is_integer() or shift < 0:
-        raise ValueError(f"MODEL.MSAD.LR_FACTOR must be a power of two >= 1, got {factor}")
+        raise ValueError(f"{key} must be a power of two >= 1, got {factor}")
     return int(shift)
 
 
-def aligned_levels(levels: List[str], factor, available=None) -> List[str]:
-    """Names of the 1/factor image's levels that align with full-resolution `levels`."""
-    shift = level_shift(factor)
-    out = [f"p{int(name[1:]) - shift}" for name in levels]
-    if available is not None:
-        missing = [name for name in out if name not in available]
-        if missing:
-            raise ValueError(
-                f"levels {levels} at factor {factor} need backbone levels {out}, but the "
-                f"backbone gives only {sorted(available)} (missing {missing}): add the matching "
-                "res stage to MODEL.FPN.IN_FEATURES")
-    return out
+def shift_levels(levels: Sequence[str], shift: int) -> List[str]:
+    """Level names moved `shift` levels coarser (negative: finer)."""
+    return [f"p{level_index(name) + shift}" for name in levels]
 
 
-def check_alignment(size_divisibility, factor, strides: Dict[str, int], lr_levels: List[str]):
-    """The padded size must keep every LR level an exact 1/stride of an exact 1/factor image."""
-    need = factor * max(strides[name] for name in lr_levels)
-    if size_divisibility % need:
-        raise ValueError(f"MODEL.MSAD.SIZE_DIVISIBILITY={size_divisibility} must be a multiple "
-                         f"of {need} (factor {factor} x coarsest LR stride) for exact alignment")
+class Branch(NamedTuple):
+    """One input of a detector: the padded image at 1/factor, and the levels read from it."""
+
+    factor: int
+    levels: Tuple[str, ...]  # in the input's own terms
+
+    @property
+    def full_resolution_levels(self) -> List[str]:
+        """The levels' names on the full image's grid: P(l + log2 factor)."""
+        return shift_levels(self.levels, level_shift(self.factor))
+
+    def strides(self, strides: Dict[str, int]) -> List[int]:
+        """The levels' strides in full-image pixels."""
+        return [strides[name] * self.factor for name in self.levels]
+
+
+def check_levels(branch: Branch, available, key="MODEL.FCOS.IN_FEATURES"):
+    """Raise, naming the config keys, if the backbone does not give a level the branch reads."""
+    missing = [name for name in branch.levels if name not in available]
+    if missing:
+        raise ValueError(
+            f"{key}: the 1/{branch.factor} input's levels {list(branch.levels)} need backbone "
+            f"levels {missing} that it does not give (it gives {sorted(available)}): add the "
+            "matching res stage to MODEL.FPN.IN_FEATURES or set MODEL.FPN.NUM_TOP_LEVELS")
+
+
+def required_divisibility(branches: Sequence[Branch], strides: Dict[str, int]) -> int:
+    """The padding multiple that keeps every branch's levels exact and aligned: the coarsest
+    stride in full-image pixels of any level any branch reads."""
+    return max(max(b.strides(strides)) for b in branches)
+
+
+def padding_multiple(configured: int, branches: Sequence[Branch], strides: Dict[str, int]):
+    """The padding multiple of a model: `configured` (0 = what its levels need), checked."""
+    need = required_divisibility(branches, strides)
+    if configured == 0:
+        return need
+    if configured < 0 or configured % need:
+        branch = max(branches, key=lambda b: max(b.strides(strides)))
+        level = max(branch.levels, key=lambda name: strides[name])
+        raise ValueError(
+            f"MODEL.FCOS.SIZE_DIVISIBILITY={configured} must be a multiple of {need} (factor "
+            f"{branch.factor} x stride {strides[level]} of {level}, the coarsest level read) for "
+            "exact alignment; 0 pads to exactly that")
+    return configured
+
+
+def padded_size(image_size, divisibility) -> Tuple[int, int]:
+    return tuple(math.ceil(s / divisibility) * divisibility for s in image_size)
 
 
 def normalize_and_pad(images: List[torch.Tensor], pixel_mean, pixel_std, size_divisibility):
@@ -50,12 +98,16 @@ def normalize_and_pad(images: List[torch.Tensor], pixel_mean, pixel_std, size_di
     return ImageList.from_tensors(images, size_divisibility)
 
 
+def check_resample(mode, key="MODEL.FCOS.INPUT_RESAMPLE"):
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"{key} must be one of {RESAMPLE_MODES}, got {mode!r}")
+
+
 def downsample(x: torch.Tensor, factor, mode="nearest") -> torch.Tensor:
     """The 1/factor copy of a padded NCHW batch, exactly (H/factor, W/factor) in size."""
     if factor == 1:
         return x
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"MODEL.MSAD.LR_RESAMPLE must be one of {RESAMPLE_MODES}, got {mode!r}")
+    check_resample(mode)
     size = (x.shape[-2] // factor, x.shape[-1] // factor)
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")

@@ -34,16 +34,26 @@ def add_msad_config(cfg):
     # coarsest level is P6 (a P7 they never use would leave parameters without gradients).
     _C.MODEL.FPN.NUM_TOP_LEVELS = 2
 
-    # ---- FCOS head and its losses (msad/fcos.py) -----------------------------------------
+    # ---- FCOS: the detector's input scale and levels, head and losses (msad/fcos.py) --------
+    # Read by every msad detector (msad/alignment.py has the rules).
     _C.MODEL.FCOS = CN()
     _C.MODEL.FCOS.NUM_CLASSES = 80  # COCO
-    # Levels the head runs on, at full resolution; branches that see a smaller image use the
-    # levels aligned with these (msad/alignment.py).
+    # The detector sees the padded image at 1/INPUT_FACTOR (a power of two): 1 = the full image
+    # (HR FCOS, MSAD teacher), 2 = the half-size image (LR FCOS, MSAD student), 2 or 4 =
+    # ThumbDet's thumbnail.  Boxes are predicted in full-image pixels whatever the factor.
+    _C.MODEL.FCOS.INPUT_FACTOR = 1
+    # How a 1/f copy of the padded, normalised batch is made (for INPUT_FACTOR > 1 and for the
+    # MSAD teacher's LR branch): "nearest" (MSAD), or "bilinear"/"bicubic" (antialiased; bicubic
+    # at INPUT_FACTOR 4 is ThumbDet's bicubic-thumbnail baseline).  ThumbDet learns its own.
+    _C.MODEL.FCOS.INPUT_RESAMPLE = "nearest"
+    # Levels the head reads, named in the terms of that input: P(l) of the 1/f input lies on the
+    # full image's P(l + log2 f) grid (p2-p6 of the half-size image = full-image strides 8-128).
     _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # SingleScaleFCOS only: "HR" sees the full image (the HR baseline), "LR" the 1/LR_FACTOR
-    # copy resampled with LR_RESAMPLE (the low-resolution baseline), still predicting boxes in
-    # full-image coordinates.
-    _C.MODEL.FCOS.INPUT_RESOLUTION = "HR"
+    # Batches are padded to a multiple of this.  0 = what the levels need for exact alignment:
+    # the coarsest stride read, in full-image pixels (128 for P3-P7 at full resolution or P2-P6
+    # at half, 256 for P2-P6 of a 4x thumbnail); a value must be a multiple of that.  The
+    # official MSAD code padded to 256.
+    _C.MODEL.FCOS.SIZE_DIVISIBILITY = 0
     _C.MODEL.FCOS.NUM_CONVS = 4  # convs in each of the classification and box towers
     _C.MODEL.FCOS.NORM = "GN"  # norm of the tower convs
     _C.MODEL.FCOS.PRIOR_PROB = 0.01  # initial foreground probability of the classifier
@@ -58,47 +68,39 @@ def add_msad_config(cfg):
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # IoU of the per-class NMS
     # (Detections per image after NMS: Detectron2's TEST.DETECTIONS_PER_IMAGE, 100.)
 
-    # ---- MSAD multi-scale alignment and teacher (msad/alignment.py, msad/teacher.py) -----
+    # ---- MSAD teacher (msad/teacher.py) -------------------------------------------------
     _C.MODEL.MSAD = CN()
-    # Images are padded to a multiple of this so that every level of the 1/FACTOR image is
-    # exactly as large as the next-coarser level of the full image.
-    _C.MODEL.MSAD.SIZE_DIVISIBILITY = 256
-    # The low-resolution branch sees the padded, normalised batch down-sampled by this factor
-    # (nearest); its level P(l) pairs with the full image's P(l + log2 FACTOR).
+    # The teacher's second branch sees 1/LR_FACTOR of its input (MODEL.FCOS.INPUT_RESAMPLE) and
+    # reads the levels aligned with MODEL.FCOS.IN_FEATURES: its P(l) pairs with the input's
+    # P(l + log2 LR_FACTOR).
     _C.MODEL.MSAD.LR_FACTOR = 2
-    # How the LR copy is made: "nearest" (MSAD), or "bilinear"/"bicubic" (antialiased).
-    _C.MODEL.MSAD.LR_RESAMPLE = "nearest"
     # Teacher loss = HR loss + LR loss + JOINT_WEIGHT x loss on the fused features.
     _C.MODEL.MSAD.JOINT_WEIGHT = 0.4
     # Hidden width of the crossing-level fusion's Linear(2C -> hidden) -> ReLU -> Linear(-> 2).
     _C.MODEL.MSAD.FUSION_HIDDEN_DIM = 32
 
-    # ---- MSAD student (msad/student.py, msad/distill.py) ---------------------------------
+    # ---- MSAD student (msad/student.py) --------------------------------------------------
     # Distillation loss = KD_ALPHA x T^2 x warm-up x sum over aligned levels of
     # mean |student / T - teacher fused / T|, with T = KD_TEMPERATURE.
     _C.MODEL.MSAD.KD_ALPHA = 0.2
     _C.MODEL.MSAD.KD_TEMPERATURE = 3.0  # T: both feature maps are divided by it
     # The distillation weight ramps linearly from 0 to 1 over this many iterations.
     _C.MODEL.MSAD.KD_WARMUP_ITERS = 500
-    _C.MODEL.MSAD.TEACHER = CN()
+
+    # ---- The teacher of every distilled detector: MSAD student, ThumbDet (msad/distill.py) --
+    _C.MODEL.TEACHER = CN()
     # Config file and checkpoint of the frozen teacher (paths relative to the current directory,
     # like MODEL.WEIGHTS).  Needed to train; never loaded by --eval-only.
-    _C.MODEL.MSAD.TEACHER.CONFIG_FILE = ""
-    _C.MODEL.MSAD.TEACHER.WEIGHTS = ""  # a checkpoint written by train_net_T.py
-    _C.MODEL.MSAD.STUDENT = CN()
+    _C.MODEL.TEACHER.CONFIG_FILE = ""
+    _C.MODEL.TEACHER.WEIGHTS = ""  # a checkpoint written by train_net_T.py
     # A fresh run (not --resume, not --eval-only) copies the teacher's backbone and head into
-    # the student first, as the official recipe does; MODEL.WEIGHTS, if set, is loaded after.
-    _C.MODEL.MSAD.STUDENT.INIT_FROM_TEACHER = True
+    # the student first, as the official MSAD recipe does; MODEL.WEIGHTS, if set, is loaded after.
+    _C.MODEL.TEACHER.INIT_STUDENT = True
 
-    # ---- ThumbDet (msad/thumbdet.py; its teacher is MODEL.MSAD.TEACHER) --------------------
+    # ---- ThumbDet (msad/thumbdet.py): the thumbnail is 1/MODEL.FCOS.INPUT_FACTOR (2 or 4) of
+    # the image, its head reads MODEL.FCOS.IN_FEATURES of it, its teacher is MODEL.TEACHER ----
     _C.MODEL.THUMBDET = CN()
-    _C.MODEL.THUMBDET.FACTOR = 4  # the thumbnail is 1/FACTOR of the image: 2 or 4
-    # "learned" (LearnedDownsampler) or "bicubic" (fixed antialiased resize: the baseline).
-    _C.MODEL.THUMBDET.DOWNSAMPLER = "learned"
     _C.MODEL.THUMBDET.HIDDEN_CHANNELS = 12  # channels between the down-sampler's two convs
-    # The thumbnail's own FPN levels the head runs on; their strides are multiplied by FACTOR.
-    # P2-P6 sit on the full image's P3-P7 grid at 2x and P4-P8 at 4x.
-    _C.MODEL.THUMBDET.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     # Image-statistics loss: STATS_WEIGHT x (MSE of per-channel means + STATS_VAR_WEIGHT x MSE
     # of per-channel variances) between the [0, 1] image and its thumbnail.  The learned
     # down-sampler keeps each channel's mean by construction, so mostly the variances train.

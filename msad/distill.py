@@ -1,10 +1,21 @@
-"""Distillation losses and the hook that schedules them."""
-from typing import List
+"""Distillation: the frozen-teacher holder every distilled detector declares, and its losses.
+
+``DistilledDetector`` is how a meta-architecture says "I am distilled from a teacher": the
+trainer of train_net_S.py (``msad.engine.DistillationTrainer``) builds the teacher named by
+``MODEL.TEACHER`` for it, and train_net_T.py refuses it.  The teacher is kept outside the module
+tree: it is not in the student's state_dict, optimizer or DDP wrapper, it stays in eval mode, and
+inference never touches it.
+"""
+import logging
+import math
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
-from detectron2.engine import HookBase
-from torch.nn.parallel import DistributedDataParallel
+
+from .fcos import AlignedFCOS
+
+logger = logging.getLogger(__name__)
 
 
 def aligned_feature_l1(student: List[torch.Tensor], teacher: List[torch.Tensor], temperature):
@@ -33,22 +44,84 @@ def freeze(model):
     return model
 
 
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+class DistilledDetector:
+    """Mixin, listed before the ``AlignedFCOS`` it extends: a detector distilled from a frozen
+    teacher (any msad detector), held for training only.
 
-
-class IterationSchedule(HookBase):
-    """Sets ``model.<attribute> = schedule(trainer.iter)`` before every step, and logs it.
-
-    Reading the trainer's iteration (not counting calls) makes a resumed run continue the
-    schedule where it stopped: the distillation warm-up ramp, ThumbDet's training phase.
+    Subclasses say whether they can train without a teacher (``teacher_required``), what makes a
+    teacher fit (``check_teacher``), and which attributes follow the trainer's iteration
+    (``iteration_schedules``).
     """
 
-    def __init__(self, attribute, schedule):
-        self.attribute = attribute
-        self.schedule = schedule
+    teacher_required = True  # training without a teacher is an error
 
-    def before_step(self):
-        value = self.schedule(self.trainer.iter)
-        setattr(unwrap(self.trainer.model), self.attribute, value)
-        self.trainer.storage.put_scalar(self.attribute, value, smoothing_hint=False)
+    def iteration_schedules(self) -> Dict[str, Callable[[int], float]]:
+        """{attribute: schedule}: the trainer sets ``self.<attribute> = schedule(iteration)``
+        before every step (msad.engine.IterationSchedule), so a resumed run continues it."""
+        return {}
+
+    @property
+    def teacher(self):
+        return self.__dict__.get("_teacher")
+
+    def padding(self):
+        # While distilling, the teacher runs on a batch padded like the student's, so that
+        # aligned levels have the same size: pad to what both need.
+        own = super().padding()
+        if self.training and self.teacher is not None:
+            return math.lcm(own, self.teacher.padding())
+        return own
+
+    def teacher_pairs(self, teacher):
+        """(student index, teacher index) of the levels on the same full-resolution grid."""
+        theirs = list(teacher.full_resolution_levels)
+        return [(i, theirs.index(name)) for i, name in enumerate(self.full_resolution_levels)
+                if name in theirs]
+
+    def check_teacher(self, teacher):
+        """Raise if `teacher` cannot teach this student: no aligned level, other channels."""
+        if not self.teacher_pairs(teacher):
+            raise ValueError(
+                "no level of the student aligns with a teacher level: the student's levels sit on "
+                f"full-resolution levels {self.full_resolution_levels}, the teacher's on "
+                f"{teacher.full_resolution_levels} (MODEL.FCOS.IN_FEATURES at "
+                "MODEL.FCOS.INPUT_FACTOR of each)")
+        t_channels = teacher.backbone.output_shape()[teacher.branches[0].levels[0]].channels
+        s_channels = self.backbone.output_shape()[self.branches[0].levels[0]].channels
+        if t_channels != s_channels:
+            raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
+                             f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
+
+    def attach_teacher(self, teacher):
+        """Hold a frozen teacher for training; it stays in eval mode and gets no gradient."""
+        if teacher is self or not isinstance(teacher, AlignedFCOS):
+            raise TypeError("the teacher must be a separate msad detector, got "
+                            f"{type(teacher).__name__}")
+        self.check_teacher(teacher)
+        self.__dict__["_teacher"] = freeze(teacher)  # bypasses nn.Module registration on purpose
+
+    def teacher_outputs(self, batched_inputs, with_head=False):
+        """The levels the teacher's head reads (and its outputs), without gradients, on a batch
+        padded like the student's."""
+        if self.teacher is None:
+            raise RuntimeError(f"{type(self).__name__} needs a teacher to train: train_net_S.py "
+                               "attaches the one named by MODEL.TEACHER.CONFIG_FILE/WEIGHTS")
+        with torch.no_grad():
+            self.teacher.eval()  # whatever train() calls happened since
+            images = self.teacher.preprocess_image(batched_inputs, self.padding())
+            features = self.teacher.extract(images).head_in
+            return features, self.teacher.head(features) if with_head else None
+
+    def init_from_teacher(self):
+        """Copy the teacher's tensors whose names the student shares (backbone, head)."""
+        own = self.state_dict()
+        taken = {k: v for k, v in self.teacher.state_dict().items() if k in own}
+        mismatched = [f"{k}: teacher {tuple(v.shape)}, student {tuple(own[k].shape)}"
+                      for k, v in taken.items() if v.shape != own[k].shape]
+        if mismatched or not taken:
+            raise ValueError("MODEL.TEACHER.INIT_STUDENT: the teacher's weights do not fit the "
+                             f"student ({len(mismatched)} of another shape, e.g. "
+                             f"{mismatched[:3]}); use the same MODEL.SLIMMABLE.WIDTH and "
+                             "MODEL.FPN.OUT_CHANNELS, or set INIT_STUDENT False")
+        self.load_state_dict(taken, strict=False)
+        logger.info("Student initialised from the teacher: %d of %d tensors", len(taken), len(own))

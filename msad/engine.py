@@ -1,4 +1,5 @@
-"""What train_net_T.py and train_net_S.py share: config set-up, the Trainer, teacher loading."""
+"""What train_net_T.py and train_net_S.py share: config set-up, the trainers and their hooks,
+teacher loading."""
 import logging
 import os
 import tempfile
@@ -9,20 +10,20 @@ from detectron2.config import get_cfg
 from detectron2.data import (DatasetCatalog, build_detection_test_loader,
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.build import filter_images_with_only_crowd_annotations
-from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
+from detectron2.engine import (AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase,
                                create_ddp_model, default_setup)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import check_width
 from .checkpoint import SafeCheckpointer, load_state_dict_file
 from .config import add_msad_config
 from .data import register_coco_from_config
-from .distill import freeze
+from .distill import DistilledDetector, freeze
 from .env import has_compiled_ops, summary
-from .fcos import LossNormalizerState
 from .input_checks import CheckedDatasetMapper, check_bad_image_policy, check_training_records
 
 logger = logging.getLogger("msad")
@@ -53,11 +54,46 @@ def check_writable(directory, what):
         raise PermissionError(f"{what}={directory} is not a writable directory: {e}") from None
 
 
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class LossNormalizerState(HookBase):
+    """Keeps FCOS's loss normaliser (an EMA of the positive count, which Detectron2 holds as a
+    plain attribute outside the state_dict) in the trainer's checkpoints, so that a resumed run
+    goes on with it instead of restarting it from its start value."""
+
+    def state_dict(self):
+        value = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
+        return {} if value is None else {"loss_normalizer": value}
+
+    def load_state_dict(self, state):
+        if "loss_normalizer" in state:
+            unwrap(self.trainer.model).loss_normalizer = state["loss_normalizer"]
+
+
+class IterationSchedule(HookBase):
+    """Sets ``model.<attribute> = schedule(trainer.iter)`` before every step, and logs it.
+
+    Reading the trainer's iteration (not counting calls) makes a resumed run continue the
+    schedule where it stopped: the distillation warm-up ramp, ThumbDet's training phase.
+    """
+
+    def __init__(self, attribute, schedule):
+        self.attribute = attribute
+        self.schedule = schedule
+
+    def before_step(self):
+        value = self.schedule(self.trainer.iter)
+        setattr(unwrap(self.trainer.model), self.attribute, value)
+        self.trainer.storage.put_scalar(self.attribute, value, smoothing_hint=False)
+
+
 class Trainer(DefaultTrainer):
     """Detectron2's trainer with checked data, safe checkpoints, CPU multi-process training and
     a COCO evaluator that works with or without Detectron2's _C."""
 
-    trains_students = False  # students (with training_hooks) are trained by train_net_S.py
+    trains_distilled = False  # a DistilledDetector is trained by train_net_S.py
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__ with two differences: DDP gets device_ids only for a CUDA
@@ -86,9 +122,9 @@ class Trainer(DefaultTrainer):
     def check_config(cls, cfg, args):
         """Refuse a run that cannot work before anything is written to OUTPUT_DIR."""
         arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-        is_student = hasattr(arch, "training_hooks")
-        if not args.eval_only and is_student != cls.trains_students:
-            script = "train_net_S.py" if is_student else "train_net_T.py"
+        distilled = issubclass(arch, DistilledDetector)
+        if not args.eval_only and distilled != cls.trains_distilled:
+            script = "train_net_S.py" if distilled else "train_net_T.py"
             raise ValueError(f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} is trained "
                              f"by {script}")
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -150,26 +186,53 @@ class Trainer(DefaultTrainer):
             cfg.OUTPUT_DIR, "inference"), use_fast_impl=has_compiled_ops())
 
 
+class DistillationTrainer(Trainer):
+    """The trainer of train_net_S.py: attaches the frozen teacher (MODEL.TEACHER) to the
+    DistilledDetector it trains and runs the detector's iteration schedules."""
+
+    trains_distilled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        student = unwrap(self.model)
+        self.teacher = None
+        if cfg.MODEL.TEACHER.CONFIG_FILE or student.teacher_required:
+            self.teacher = build_frozen_teacher(cfg)
+            student.attach_teacher(self.teacher)
+
+    def build_hooks(self):
+        schedules = unwrap(self.model).iteration_schedules()
+        return super().build_hooks() + [IterationSchedule(attribute, schedule)
+                                        for attribute, schedule in schedules.items()]
+
+    def resume_or_load(self, resume=True):
+        # Only a fresh run starts from the teacher; --resume continues the student's own weights.
+        fresh = not (resume and self.checkpointer.has_checkpoint())
+        if fresh and self.teacher is not None and self.cfg.MODEL.TEACHER.INIT_STUDENT:
+            unwrap(self.model).init_from_teacher()
+        super().resume_or_load(resume)
+
+
 def build_frozen_teacher(cfg):
-    """The teacher named by MODEL.MSAD.TEACHER, with its weights, in eval mode, no gradients."""
-    spec = cfg.MODEL.MSAD.TEACHER
+    """The teacher named by MODEL.TEACHER, with its weights, in eval mode, no gradients."""
+    spec = cfg.MODEL.TEACHER
     if not spec.CONFIG_FILE:
-        raise ValueError("MODEL.MSAD.TEACHER.CONFIG_FILE is empty: name the teacher's config")
-    teacher_cfg = load_config(spec.CONFIG_FILE, what="MODEL.MSAD.TEACHER.CONFIG_FILE")
+        raise ValueError("MODEL.TEACHER.CONFIG_FILE is empty: name the teacher's config")
+    teacher_cfg = load_config(spec.CONFIG_FILE, what="MODEL.TEACHER.CONFIG_FILE")
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     teacher_cfg.MODEL.SLIMMABLE.PRETRAINED = ""  # its trained weights follow
     if not spec.WEIGHTS:
-        raise ValueError("MODEL.MSAD.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
+        raise ValueError("MODEL.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
     teacher = build_model(teacher_cfg)
-    state = load_state_dict_file(spec.WEIGHTS, "MODEL.MSAD.TEACHER.WEIGHTS")
+    state = load_state_dict_file(spec.WEIGHTS, "MODEL.TEACHER.WEIGHTS")
     expected = teacher.state_dict()
     missing = [k for k in expected if k not in state]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or mismatched:
         raise ValueError(
-            f"MODEL.MSAD.TEACHER.WEIGHTS={spec.WEIGHTS} does not fit the model of "
-            f"MODEL.MSAD.TEACHER.CONFIG_FILE={spec.CONFIG_FILE}: {len(missing)} missing keys "
+            f"MODEL.TEACHER.WEIGHTS={spec.WEIGHTS} does not fit the model of "
+            f"MODEL.TEACHER.CONFIG_FILE={spec.CONFIG_FILE}: {len(missing)} missing keys "
             f"{missing[:3]}, {len(mismatched)} of another shape {mismatched[:3]}")
     teacher.load_state_dict({k: state[k] for k in expected})
     freeze(teacher)

@@ -1,31 +1,35 @@
-"""FCOS on Detectron2's own FCOS pieces, on the full-resolution grid for every input scale.
+"""The FCOS base of every msad detector: one forward, on the full-resolution grid for every input.
 
 Detectron2's ``FCOS`` brings the target assignment (sizes of interest 4x-8x stride per level,
 centre sampling), focal + GIoU + centerness losses and box decoding.  What this module adds:
 
-* ``AlignedFCOS``: images normalised and padded to a multiple of 256; branches that see the
-  1/f image read the FPN levels aligned with the full-resolution ones, and all branches share
-  one anchor grid at the full-resolution strides, so targets and predictions live in the
-  original image's pixels whatever the input scale.
+* ``AlignedFCOS``: one ``forward`` for every msad detector, whose branches (msad/alignment.py)
+  see the padded batch at their factors and read their levels in their own terms, while the head
+  and the anchors live on one grid at the full-resolution strides, so targets and predictions
+  are in the original image's pixels whatever the input scale.  Subclasses fill in named
+  extension points: ``branch_input`` (ThumbDet's learned thumbnail), ``head_features`` (the
+  teacher's fusion), ``detection_losses`` (the teacher's three branches) and ``extra_losses``
+  (distillation, image statistics).
 * ``ScaledFCOSHead``: a learnable scale per level on the box regression (official FCOS).
 * Test-time filtering on the class probability alone, ranking by sqrt(class x centerness).
-* ``SingleScaleFCOS``: the HR baseline and the low-resolution baseline.
+* ``SingleScaleFCOS``: the HR baseline, the low-resolution baseline and the bicubic-thumbnail
+  baseline: one branch, at ``MODEL.FCOS.INPUT_FACTOR``.
 """
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.engine import HookBase
 from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.structures import ImageList
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .alignment import aligned_levels, check_alignment, downsample, normalize_and_pad
-from .distill import unwrap
+from .alignment import (Branch, check_levels, check_resample, downsample, level_index,
+                        level_shift, normalize_and_pad, padded_size, padding_multiple)
 
 
 def sum_over_processes(value: float, device) -> float:
@@ -35,20 +39,6 @@ def sum_over_processes(value: float, device) -> float:
     total = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
     return total.item()
-
-
-class LossNormalizerState(HookBase):
-    """Keeps FCOS's loss normaliser (an EMA of the positive count, which Detectron2 holds as a
-    plain attribute outside the state_dict) in the trainer's checkpoints, so that a resumed run
-    goes on with it instead of restarting it from its start value."""
-
-    def state_dict(self):
-        value = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
-        return {} if value is None else {"loss_normalizer": value}
-
-    def load_state_dict(self, state):
-        if "loss_normalizer" in state:
-            unwrap(self.trainer.model).loss_normalizer = state["loss_normalizer"]
 
 
 class ScaledFCOSHead(FCOSHead):
@@ -73,49 +63,79 @@ def build_fcos_head(cfg, input_shapes):
     )
 
 
-class AlignedFCOS(FCOS):
-    """FCOS whose branches see the padded batch at factors `factors` (1 = full resolution).
+def input_branch(cfg) -> Branch:
+    """The detector's own input, from MODEL.FCOS: its factor and the levels its head reads."""
+    spec = cfg.MODEL.FCOS
+    level_shift(spec.INPUT_FACTOR)  # a power of two
+    for name in spec.IN_FEATURES:
+        level_index(name)
+    return Branch(spec.INPUT_FACTOR, tuple(spec.IN_FEATURES))
 
-    The branch at factor f reads the backbone levels aligned with ``in_features`` (P(l - log2 f)
-    for P(l)); the head and the anchors are those of ``in_features`` at full resolution.
+
+class Features(NamedTuple):
+    """What the backbone side of one forward produced."""
+
+    inputs: List[torch.Tensor]  # each branch's backbone input (normalised, padded)
+    branches: List[List[torch.Tensor]]  # each branch's levels
+    head_in: List[torch.Tensor]  # the levels the head reads
+
+
+class AlignedFCOS(FCOS):
+    """FCOS on one or more branches of the padded batch, on the full-resolution anchor grid.
+
+    Args:
+        backbone, head: as Detectron2's ``FCOS`` (the head runs on ``branches[0].levels``).
+        branches: the inputs the model sees (msad/alignment.py ``Branch``): factor and levels in
+            the input's own terms.  The first one's levels are what the head reads, on the
+            full-resolution grid of its ``full_resolution_levels``; the others align with it.
+        input_resample: how a branch's 1/factor copy of the padded batch is made.
+        size_divisibility: the padding multiple; 0 = what the branches' levels need.
+        **fcos_kwargs: Detectron2's ``FCOS`` arguments (classes, losses, test settings, pixel
+            mean/std).
     """
 
-    def __init__(self, *, backbone, head, in_features: List[str], factors: List[int],
-                 resample: str, size_divisibility: int, **fcos_kwargs):
+    @configurable
+    def __init__(self, *, backbone, head, branches: List[Branch], input_resample: str,
+                 size_divisibility: int = 0, **fcos_kwargs):
         shapes = backbone.output_shape()
-        levels = {f: aligned_levels(in_features, f, shapes) for f in factors}
+        for branch in branches:
+            check_levels(branch, shapes)
         strides = {name: s.stride for name, s in shapes.items()}
-        for f in factors:
-            check_alignment(size_divisibility, f, strides, levels[f])
-        used = {name for names in levels.values() for name in names}
-        unused = sorted(set(shapes) - used)
+        divisibility = padding_multiple(size_divisibility, branches, strides)
+        unused = sorted(set(shapes) - {name for b in branches for name in b.levels})
         if unused:
             raise ValueError(
                 f"the backbone computes levels {unused} that no branch uses, so their parameters "
                 "would get no gradient (and DDP would need find_unused_parameters): adjust "
                 "MODEL.FPN.IN_FEATURES / MODEL.FPN.NUM_TOP_LEVELS")
-        super().__init__(backbone=backbone, head=head, head_in_features=levels[factors[0]],
+        check_resample(input_resample)
+        super().__init__(backbone=backbone, head=head, head_in_features=list(branches[0].levels),
                          **fcos_kwargs)
-        self.in_features = list(in_features)
-        self.levels: Dict[int, List[str]] = levels
-        self.resample = resample
-        self.size_divisibility = size_divisibility
+        self.branches = [Branch(b.factor, tuple(b.levels)) for b in branches]
+        self.full_resolution_levels = self.branches[0].full_resolution_levels
+        self.input_resample = input_resample
+        self.size_divisibility = divisibility
         self._ema_steps: Dict[str, int] = {}
         # One anchor grid for every branch: the full-resolution strides.
-        hr_strides = [strides[name] * factors[0] for name in levels[factors[0]]]
+        grid = self.branches[0].strides(strides)
         self.anchor_generator = DefaultAnchorGenerator(
-            sizes=[[s] for s in hr_strides], aspect_ratios=[1.0], strides=hr_strides)
+            sizes=[[s] for s in grid], aspect_ratios=[1.0], strides=grid)
 
     @classmethod
-    def fcos_kwargs_from_config(cls, cfg, backbone, head_levels):
-        """Arguments common to every FCOS of this project, from the config."""
+    def from_config(cls, cfg):
+        return cls.fcos_kwargs_from_config(cfg, build_backbone(cfg), [input_branch(cfg)])
+
+    @classmethod
+    def fcos_kwargs_from_config(cls, cfg, backbone, branches):
+        """Arguments common to every FCOS of this project, from MODEL.FCOS."""
         shapes = backbone.output_shape()
+        check_levels(branches[0], shapes)
         return dict(
             backbone=backbone,
-            head=build_fcos_head(cfg, [shapes[name] for name in head_levels]),
-            in_features=cfg.MODEL.FCOS.IN_FEATURES,
-            resample=cfg.MODEL.MSAD.LR_RESAMPLE,
-            size_divisibility=cfg.MODEL.MSAD.SIZE_DIVISIBILITY,
+            head=build_fcos_head(cfg, [shapes[name] for name in branches[0].levels]),
+            branches=branches,
+            input_resample=cfg.MODEL.FCOS.INPUT_RESAMPLE,
+            size_divisibility=cfg.MODEL.FCOS.SIZE_DIVISIBILITY,
             num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
             center_sampling_radius=cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS,
             focal_loss_alpha=cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA,
@@ -128,14 +148,60 @@ class AlignedFCOS(FCOS):
             pixel_std=cfg.MODEL.PIXEL_STD,
         )
 
-    def preprocess_image(self, batched_inputs):
-        images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
-        return normalize_and_pad(images, self.pixel_mean, self.pixel_std, self.size_divisibility)
+    # ---- the one forward ---------------------------------------------------------------------
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        features = self.extract(images)
+        predictions = self.head(features.head_in)
+        if not self.training:
+            results = self.forward_inference(images, features.head_in, predictions)
+            return self.postprocess(results, batched_inputs, images.image_sizes)
+        losses = self.detection_losses(images, features, predictions,
+                                       self.gt_instances(batched_inputs))
+        losses.update(self.extra_losses(batched_inputs, images, features, predictions))
+        return losses
 
-    def branch_features(self, padded: torch.Tensor, factor) -> List[torch.Tensor]:
-        """Backbone levels of the 1/factor copy of the padded batch, aligned with in_features."""
-        features = self.backbone(downsample(padded, factor, self.resample))
-        return [features[name] for name in self.levels[factor]]
+    def padding(self) -> int:
+        """The multiple this model pads its batch to now."""
+        return self.size_divisibility
+
+    def preprocess_image(self, batched_inputs, size_divisibility=None):
+        """Normalised batch, padded to `size_divisibility` (default: ``padding()``)."""
+        images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
+        return normalize_and_pad(images, self.pixel_mean, self.pixel_std,
+                                 size_divisibility or self.padding())
+
+    def extract(self, images: ImageList) -> Features:
+        """Every branch's input and levels, and the levels the head reads."""
+        inputs = [self.branch_input(images, branch) for branch in self.branches]
+        levels = []
+        for x, branch in zip(inputs, self.branches):
+            features = self.backbone(x)
+            levels.append([features[name] for name in branch.levels])
+        return Features(inputs, levels, self.head_features(levels))
+
+    # ---- extension points --------------------------------------------------------------------
+    def branch_input(self, images: ImageList, branch: Branch) -> torch.Tensor:
+        """What the backbone of `branch` sees: the 1/factor copy of the padded batch."""
+        return downsample(images.tensor, branch.factor, self.input_resample)
+
+    def head_features(self, branch_levels: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+        """The levels the head reads, from every branch's levels: here the first branch's."""
+        return branch_levels[0]
+
+    def detection_losses(self, images, features: Features, predictions, gt_instances):
+        """FCOS losses of the head's predictions."""
+        return self.forward_training(images, features.head_in, predictions, gt_instances)
+
+    def extra_losses(self, batched_inputs, images, features: Features, predictions):
+        """Losses beyond detection (distillation, image statistics): none here."""
+        return {}
+
+    # ---- shared pieces -----------------------------------------------------------------------
+    def branch_input_sizes(self, image_size):
+        """(H, W) of every branch's backbone input for one image of `image_size` at inference."""
+        h, w = padded_size(image_size, self.size_divisibility)
+        return [(h // b.factor, w // b.factor) for b in self.branches]
 
     def gt_instances(self, batched_inputs):
         if "instances" not in batched_inputs[0]:
@@ -150,6 +216,7 @@ class AlignedFCOS(FCOS):
         return {k.replace("loss_fcos", f"loss_{prefix}"): v * weight for k, v in losses.items()}
 
     def _ema_update(self, name, value, initial_value, momentum=0.9):
+        # A private Detectron2 method, overridden because no public hook sets the normaliser.
         # Detectron2 normalises losses by an EMA of the positive count, updated at each call of
         # `losses`.  Branches of one step (HR, LR, fused) see the same targets, so they share
         # one normaliser: the EMA moves once per training iteration.  Across processes the
@@ -195,35 +262,9 @@ class AlignedFCOS(FCOS):
         return processed
 
 
+
 @META_ARCH_REGISTRY.register()
 class SingleScaleFCOS(AlignedFCOS):
-    """One FCOS on the full image (INPUT_RESOLUTION "HR") or on its 1/LR_FACTOR copy ("LR")."""
-
-    @configurable
-    def __init__(self, *, input_factor: int, **kwargs):
-        super().__init__(factors=[input_factor], **kwargs)
-        self.input_factor = input_factor
-
-    @classmethod
-    def from_config(cls, cfg):
-        resolution = cfg.MODEL.FCOS.INPUT_RESOLUTION
-        if resolution not in ("HR", "LR"):
-            raise ValueError(f"MODEL.FCOS.INPUT_RESOLUTION must be 'HR' or 'LR', got {resolution!r}")
-        factor = 1 if resolution == "HR" else cfg.MODEL.MSAD.LR_FACTOR
-        backbone = build_backbone(cfg)
-        levels = aligned_levels(cfg.MODEL.FCOS.IN_FEATURES, factor, backbone.output_shape())
-        return dict(input_factor=factor, **cls.fcos_kwargs_from_config(cfg, backbone, levels))
-
-    def distillation_features(self, padded):
-        """What this detector teaches with: its levels (aligned with in_features)."""
-        return self.branch_features(padded, self.input_factor)
-
-    def forward(self, batched_inputs):
-        images = self.preprocess_image(batched_inputs)
-        features = self.branch_features(images.tensor, self.input_factor)
-        predictions = self.head(features)
-        if self.training:
-            return self.forward_training(images, features, predictions,
-                                         self.gt_instances(batched_inputs))
-        results = self.forward_inference(images, features, predictions)
-        return self.postprocess(results, batched_inputs, images.image_sizes)
+    """One FCOS on one input: the full image (``MODEL.FCOS.INPUT_FACTOR 1``, the HR baseline) or
+    its 1/f copy made by ``MODEL.FCOS.INPUT_RESAMPLE`` (the LR baseline with nearest, the
+    bicubic-thumbnail baseline with bicubic), predicting boxes in full-image pixels."""

@@ -8,11 +8,11 @@ inference predicts from the fused features.
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from fvcore.nn import weight_init
 from torch import nn
 
-from .alignment import aligned_levels
+from .alignment import Branch, level_shift, shift_levels
 from .fcos import AlignedFCOS
 
 
@@ -42,46 +42,46 @@ class CrossLevelFusion(nn.Module):
 
 @META_ARCH_REGISTRY.register()
 class MultiScaleTeacher(AlignedFCOS):
+    """The FCOS input (``MODEL.FCOS``) plus its 1/``MODEL.MSAD.LR_FACTOR`` copy reading the aligned
+    levels; the head reads their per-level fusion.
+
+    Args:
+        joint_weight: weight of the loss on the fused features (HR and LR losses weigh 1).
+        fusion_hidden_dim: hidden width of each ``CrossLevelFusion``.
+        **kwargs: ``AlignedFCOS``'s, with two branches: the HR one first.
+    """
+
     @configurable
-    def __init__(self, *, lr_factor: int, joint_weight: float, fusion_hidden_dim: int, **kwargs):
-        super().__init__(factors=[1, lr_factor], **kwargs)
-        self.lr_factor = lr_factor
+    def __init__(self, *, joint_weight: float, fusion_hidden_dim: int, **kwargs):
+        super().__init__(**kwargs)
         self.joint_weight = joint_weight
-        channels = self.backbone.output_shape()[self.levels[1][0]].channels
+        channels = self.backbone.output_shape()[self.branches[0].levels[0]].channels
         self.fusion = nn.ModuleList(
-            CrossLevelFusion(channels, fusion_hidden_dim) for _ in self.levels[1])
+            CrossLevelFusion(channels, fusion_hidden_dim) for _ in self.branches[0].levels)
 
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
-        levels = aligned_levels(cfg.MODEL.FCOS.IN_FEATURES, 1, backbone.output_shape())
-        return dict(lr_factor=cfg.MODEL.MSAD.LR_FACTOR, joint_weight=cfg.MODEL.MSAD.JOINT_WEIGHT,
-                    fusion_hidden_dim=cfg.MODEL.MSAD.FUSION_HIDDEN_DIM,
-                    **cls.fcos_kwargs_from_config(cfg, backbone, levels))
+        kwargs = super().from_config(cfg)
+        hr = kwargs["branches"][0]
+        lr_factor = cfg.MODEL.MSAD.LR_FACTOR
+        lr_levels = shift_levels(hr.levels, -level_shift(lr_factor, "MODEL.MSAD.LR_FACTOR"))
+        kwargs["branches"] = [hr, Branch(hr.factor * lr_factor, tuple(lr_levels))]
+        return dict(kwargs, joint_weight=cfg.MODEL.MSAD.JOINT_WEIGHT,
+                    fusion_hidden_dim=cfg.MODEL.MSAD.FUSION_HIDDEN_DIM)
 
-    def multiscale_features(self, padded):
-        """HR levels, the aligned LR levels, and their per-level fusion."""
-        hr = self.branch_features(padded, 1)
-        lr = self.branch_features(padded, self.lr_factor)
-        fused = [fuse(h, l) for fuse, h, l in zip(self.fusion, hr, lr)]
-        return hr, lr, fused
+    def head_features(self, branch_levels):
+        """Each aligned HR/LR pair, fused."""
+        hr, lr = branch_levels
+        return [fuse(h, l) for fuse, h, l in zip(self.fusion, hr, lr)]
 
-    def distillation_features(self, padded):
-        """What the teacher teaches with: the fused levels."""
-        return self.multiscale_features(padded)[2]
-
-    def forward(self, batched_inputs):
-        images = self.preprocess_image(batched_inputs)
-        hr, lr, fused = self.multiscale_features(images.tensor)
-        if not self.training:
-            results = self.forward_inference(images, fused, self.head(fused))
-            return self.postprocess(results, batched_inputs, images.image_sizes)
-        # The three branches share one grid, so targets are assigned once.
-        anchors = self.anchor_generator(hr)
-        gt_labels, gt_boxes = self.label_anchors(anchors, self.gt_instances(batched_inputs))
-        losses = {}
-        for prefix, features, weight in (("hr", hr, 1.0), ("lr", lr, 1.0),
-                                         ("fused", fused, self.joint_weight)):
-            losses.update(self.branch_losses(self.head(features), anchors, gt_labels, gt_boxes,
+    def detection_losses(self, images, features, predictions, gt_instances):
+        """HR + LR + JOINT_WEIGHT x fused; the three share one grid, so targets are assigned once."""
+        anchors = self.anchor_generator(features.head_in)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        (hr, lr), losses = features.branches, {}
+        for prefix, branch_predictions, weight in (("hr", self.head(hr), 1.0),
+                                                   ("lr", self.head(lr), 1.0),
+                                                   ("fused", predictions, self.joint_weight)):
+            losses.update(self.branch_losses(branch_predictions, anchors, gt_labels, gt_boxes,
                                              prefix, weight))
         return losses

@@ -1,12 +1,14 @@
 """ThumbDet on FCOS: a learned 2x/4x thumbnail, its image-statistics loss, distillation boost.
 
-The detector sees only the thumbnail: the raw [0, 1] image (padded to 256 like every msad
-model) goes through ``LearnedDownsampler`` (or a fixed bicubic resize, the baseline), is
-normalised, and runs through backbone, FPN and FCOS head with strides multiplied by the factor,
-so targets and predictions stay in the original image's pixels.  Training runs two phases by
-iteration (``ThumbDet.training_hooks``): first the image-statistics loss alone, then detection,
+The detector sees only the thumbnail: its one branch (``MODEL.FCOS.INPUT_FACTOR`` 2 or 4, levels
+``MODEL.FCOS.IN_FEATURES`` of the thumbnail) reads what ``LearnedDownsampler`` makes of the raw
+[0, 1] padded image, normalised; the head predicts at strides multiplied by the factor, so targets
+and predictions stay in the original image's pixels.  Training runs two phases by iteration
+(``ThumbDet.iteration_schedules``): first the image-statistics loss alone, then detection,
 statistics and the distillation boost from a separate frozen full-resolution teacher: logit KD
 and feature mimicry at spatially aligned levels (thumbnail P(l) with teacher P(l + log2 f)).
+The bicubic-thumbnail baseline is not a ThumbDet: it is ``SingleScaleFCOS`` with
+``MODEL.FCOS.INPUT_RESAMPLE bicubic``.
 """
 import logging
 import math
@@ -19,15 +21,12 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .alignment import downsample, level_shift
-from .distill import IterationSchedule
-from .fcos import AlignedFCOS
-from .student import FrozenTeacherMixin
+from .distill import DistilledDetector
+from .fcos import AlignedFCOS, input_branch
 
 logger = logging.getLogger(__name__)
 
 FACTORS = (2, 4)
-DOWNSAMPLERS = ("learned", "bicubic")
 MIMIC_MODES = ("aligned", "resize")
 # A thumbnail channel whose standard deviation within an image is below this (on [0, 1] values:
 # a quarter of one 8-bit grey level) while that image's own channel's is not has gone constant.
@@ -36,7 +35,7 @@ CONSTANT_CHANNEL_STD = 1e-3
 
 def check_factor(factor):
     if factor not in FACTORS:
-        raise ValueError(f"MODEL.THUMBDET.FACTOR must be one of {FACTORS}, got {factor}")
+        raise ValueError(f"ThumbDet: MODEL.FCOS.INPUT_FACTOR must be one of {FACTORS}, got {factor}")
 
 
 class LearnedDownsampler(nn.Module):
@@ -137,49 +136,56 @@ def detection_phase(iteration, warmup_iters):
 
 
 @META_ARCH_REGISTRY.register()
-class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
-    requires_teacher = False  # without one it trains without the distillation boost
+class ThumbDet(DistilledDetector, AlignedFCOS):
+    """Args:
+        downsampler: the ``LearnedDownsampler`` that makes the thumbnail.
+        stats_weight, stats_var_weight: weight of the image-statistics loss, and its variances'
+            share.
+        warmup_iters: iterations that train the statistics loss alone.
+        kd_weight, kd_temperature, kd_t_squared: logit KD (``sigmoid_kd``).
+        mimic_weight, mimic_mode: feature mimicry (``feature_mimic``).
+        **kwargs: ``AlignedFCOS``'s, with one branch at the down-sampler's factor.
+    """
+
+    teacher_required = False  # without one it trains without the distillation boost
 
     @configurable
-    def __init__(self, *, factor, downsampler, stats_weight, stats_var_weight, warmup_iters,
-                 kd_weight, kd_temperature, kd_t_squared, mimic_weight, mimic_mode, **kwargs):
-        super().__init__(factors=[factor], **kwargs)
-        self.factor = factor
-        self.downsampler = downsampler  # None: fixed bicubic resize
+    def __init__(self, *, downsampler, stats_weight, stats_var_weight, warmup_iters, kd_weight,
+                 kd_temperature, kd_t_squared, mimic_weight, mimic_mode, **kwargs):
+        super().__init__(**kwargs)
+        if self.branches[0].factor != downsampler.factor:
+            raise ValueError(f"the down-sampler makes 1/{downsampler.factor} thumbnails, the "
+                             f"detector reads a 1/{self.branches[0].factor} input")
+        self.downsampler = downsampler
         self.stats_weight, self.stats_var_weight = stats_weight, stats_var_weight
         self.warmup_iters = warmup_iters
         self.kd_weight, self.kd_temperature, self.kd_t_squared = kd_weight, kd_temperature, kd_t_squared
         self.mimic_weight, self.mimic_mode = mimic_weight, mimic_mode
-        self.detection_phase = 1.0  # set before each step by the hook of training_hooks()
+        self.detection_phase = 1.0  # set before each step, see iteration_schedules()
         self.constant_thumbnail_channels = []  # as of the last training step
 
     @classmethod
     def from_config(cls, cfg):
         spec = cfg.MODEL.THUMBDET
-        check_factor(spec.FACTOR)
-        if spec.DOWNSAMPLER not in DOWNSAMPLERS:
-            raise ValueError(f"MODEL.THUMBDET.DOWNSAMPLER must be one of {DOWNSAMPLERS}, "
-                             f"got {spec.DOWNSAMPLER!r}")
+        factor = input_branch(cfg).factor
+        check_factor(factor)
         if spec.MIMIC_MODE not in MIMIC_MODES:
             raise ValueError(f"MODEL.THUMBDET.MIMIC_MODE must be one of {MIMIC_MODES}, "
                              f"got {spec.MIMIC_MODE!r}")
-        backbone = build_backbone(cfg)
-        kwargs = cls.fcos_kwargs_from_config(cfg, backbone, spec.IN_FEATURES)
-        # The thumbnail's P(l) sits on the grid of the full image's P(l + log2 factor).
-        shift = level_shift(spec.FACTOR)
-        kwargs["in_features"] = [f"p{int(n[1:]) + shift}" for n in spec.IN_FEATURES]
-        learned = spec.DOWNSAMPLER == "learned"
         return dict(
-            factor=spec.FACTOR,
-            downsampler=LearnedDownsampler(spec.FACTOR, spec.HIDDEN_CHANNELS) if learned else None,
+            super().from_config(cfg),
+            downsampler=LearnedDownsampler(factor, spec.HIDDEN_CHANNELS),
             stats_weight=spec.STATS_WEIGHT, stats_var_weight=spec.STATS_VAR_WEIGHT,
             warmup_iters=spec.WARMUP_ITERS, kd_weight=spec.KD_WEIGHT,
             kd_temperature=spec.KD_TEMPERATURE, kd_t_squared=spec.KD_T_SQUARED,
-            mimic_weight=spec.MIMIC_WEIGHT, mimic_mode=spec.MIMIC_MODE, **kwargs)
+            mimic_weight=spec.MIMIC_WEIGHT, mimic_mode=spec.MIMIC_MODE)
 
-    def training_hooks(self):
-        return [IterationSchedule("detection_phase",
-                                  partial(detection_phase, warmup_iters=self.warmup_iters))]
+    @property
+    def factor(self):
+        return self.branches[0].factor
+
+    def iteration_schedules(self):
+        return {"detection_phase": partial(detection_phase, warmup_iters=self.warmup_iters)}
 
     def check_teacher(self, teacher):
         super().check_teacher(teacher)  # aligned levels, FPN channels
@@ -191,46 +197,39 @@ class ThumbDet(FrozenTeacherMixin, AlignedFCOS):
         """Normalised tensor back to [0, 1] (the padding becomes the mean colour)."""
         return (normalized * self.pixel_std + self.pixel_mean) / 255.0
 
-    def thumbnail(self, unit, image_sizes=None):
-        """The [0, 1] thumbnails of a [0, 1] padded batch whose images fill `image_sizes`
-        (default: the whole batch)."""
-        if self.downsampler is None:
-            return downsample(unit, self.factor, "bicubic")
-        return self.downsampler(unit, image_sizes)
+    def thumbnail(self, images):
+        """The [0, 1] thumbnails of a padded, normalised ImageList."""
+        return self.downsampler(self.unit_range(images.tensor), images.image_sizes)
 
-    def preprocess_image(self, batched_inputs):
+    def preprocess_image(self, batched_inputs, size_divisibility=None):
         for x in batched_inputs:
             h, w = x["image"].shape[-2:]
             if min(h, w) < self.factor:
-                raise ValueError(f"a {h}x{w} image is smaller than MODEL.THUMBDET.FACTOR="
+                raise ValueError(f"a {h}x{w} image is smaller than MODEL.FCOS.INPUT_FACTOR="
                                  f"{self.factor} allows")
-        return super().preprocess_image(batched_inputs)
+        return super().preprocess_image(batched_inputs, size_divisibility)
 
-    def forward(self, batched_inputs):
-        images = self.preprocess_image(batched_inputs)
-        unit = self.unit_range(images.tensor)
-        thumb = self.thumbnail(unit, images.image_sizes)
-        features = self.backbone((thumb * 255.0 - self.pixel_mean) / self.pixel_std)
-        features = [features[name] for name in self.levels[self.factor]]
-        predictions = self.head(features)
-        if not self.training:
-            results = self.forward_inference(images, features, predictions)
-            return self.postprocess(results, batched_inputs, images.image_sizes)
+    def branch_input(self, images, branch):
+        return (self.thumbnail(images) * 255.0 - self.pixel_mean) / self.pixel_std
 
+    def detection_losses(self, images, features, predictions, gt_instances):
         phase = self.detection_phase
-        losses = {k: v * phase for k, v in self.forward_training(
-            images, features, predictions, self.gt_instances(batched_inputs)).items()}
-        if self.downsampler is not None:
-            f = self.factor
-            sizes = images.image_sizes
-            source = [unit[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
-            thumbs = [thumb[i, :, :math.ceil(h / f), :math.ceil(w / f)]
-                      for i, (h, w) in enumerate(sizes)]
-            losses["loss_image_stats"] = self.stats_weight * image_statistics_loss(
-                source, thumbs, self.stats_var_weight)
-            self.watch_thumbnail(source, thumbs)
+        return {k: v * phase for k, v in super().detection_losses(
+            images, features, predictions, gt_instances).items()}
+
+    def extra_losses(self, batched_inputs, images, features, predictions):
+        f = self.factor
+        unit, thumb = self.unit_range(images.tensor), self.unit_range(features.inputs[0])
+        sizes = images.image_sizes
+        source = [unit[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
+        thumbs = [thumb[i, :, :math.ceil(h / f), :math.ceil(w / f)]
+                  for i, (h, w) in enumerate(sizes)]
+        losses = {"loss_image_stats": self.stats_weight * image_statistics_loss(
+            source, thumbs, self.stats_var_weight)}
+        self.watch_thumbnail(source, thumbs)
         if self.teacher is not None:
-            losses.update(self.distillation_losses(batched_inputs, features, predictions, phase))
+            losses.update(self.distillation_losses(batched_inputs, features.head_in, predictions,
+                                                   self.detection_phase))
         return losses
 
     def watch_thumbnail(self, source, thumbs):

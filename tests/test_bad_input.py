@@ -207,11 +207,11 @@ def test_a_machine_error_is_not_taken_for_a_bad_image(tmp_path, cfg, monkeypatch
 # ---- image sizes, images without boxes -----------------------------------------------------
 
 def _student_cfg(teachers):
-    return quickstart_cfg("student", "MODEL.MSAD.TEACHER.WEIGHTS", str(teachers / "teacher.pth"))
+    return quickstart_cfg("student", "MODEL.TEACHER.WEIGHTS", str(teachers / "teacher.pth"))
 
 
 def _thumbdet_cfg(teachers):
-    return quickstart_cfg("thumbdet_4x", "MODEL.MSAD.TEACHER.WEIGHTS",
+    return quickstart_cfg("thumbdet_4x", "MODEL.TEACHER.WEIGHTS",
                           str(teachers / "hr_baseline.pth"), "MODEL.THUMBDET.WARMUP_ITERS", 0)
 
 
@@ -223,7 +223,7 @@ def test_tiny_odd_sized_and_empty_images_train_and_predict(make_cfg, untrained_t
     cfg = make_cfg(untrained_teachers)
     cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.0
     model = build_model(cfg)
-    if cfg.MODEL.MSAD.TEACHER.CONFIG_FILE:
+    if cfg.MODEL.TEACHER.CONFIG_FILE:
         model.attach_teacher(build_frozen_teacher(cfg))
     sizes = [(21, 35), (97, 131), (250, 9 * 4 + 3)]
     batch = _inputs(sizes)
@@ -245,11 +245,10 @@ def test_tiny_odd_sized_and_empty_images_train_and_predict(make_cfg, untrained_t
 
 def test_odd_sizes_keep_the_hr_lr_alignment_exact(cfg):
     teacher = build_model(cfg).eval()
-    padded = teacher.preprocess_image(_inputs([(97, 131), (21, 250)], with_boxes=False)).tensor
-    assert padded.shape[-2:] == (256, 256)
+    images = teacher.preprocess_image(_inputs([(97, 131), (21, 250)], with_boxes=False))
+    assert images.tensor.shape[-2:] == (128, 256)  # P7 of the full image: stride 128
     with torch.no_grad():
-        hr = teacher.branch_features(padded, 1)
-        lr = teacher.branch_features(padded, 2)
+        hr, lr = teacher.extract(images).branches
     assert [f.shape[-2:] for f in hr] == [f.shape[-2:] for f in lr]
 
 

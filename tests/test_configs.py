@@ -1,6 +1,7 @@
 """Every shipped config parses, builds, and the zoo keeps the official schedule."""
 import glob
 import os
+import re
 
 import pytest
 from detectron2.modeling import build_model
@@ -38,8 +39,28 @@ def test_zoo_uses_the_official_schedule_and_width(path):
     assert cfg.MODEL.FCOS.NUM_CLASSES == 80 and cfg.MODEL.MSAD.JOINT_WEIGHT == 0.4
     if path.endswith("-S.yaml"):
         teacher = path.replace("-S.yaml", "-T.yaml")
-        assert cfg.MODEL.MSAD.TEACHER.CONFIG_FILE == os.path.relpath(teacher, REPO)
-        assert cfg.MODEL.MSAD.TEACHER.WEIGHTS == os.path.join(
+        assert cfg.MODEL.TEACHER.CONFIG_FILE == os.path.relpath(teacher, REPO)
+        assert cfg.MODEL.TEACHER.WEIGHTS == os.path.join(
             load_config(teacher).OUTPUT_DIR, "model_final.pth")
         assert (cfg.MODEL.MSAD.KD_ALPHA, cfg.MODEL.MSAD.KD_TEMPERATURE,
                 cfg.MODEL.MSAD.KD_WARMUP_ITERS) == (0.2, 3.0, 500)
+
+
+@pytest.mark.parametrize("old_key, value", [
+    ("MODEL.FCOS.INPUT_RESOLUTION", "LR"), ("MODEL.MSAD.SIZE_DIVISIBILITY", 256),
+    ("MODEL.MSAD.LR_RESAMPLE", "bicubic"), ("MODEL.MSAD.TEACHER.WEIGHTS", "t.pth"),
+    ("MODEL.MSAD.STUDENT.INIT_FROM_TEACHER", False), ("MODEL.THUMBDET.FACTOR", 2),
+    ("MODEL.THUMBDET.IN_FEATURES", ["p2"]), ("MODEL.THUMBDET.DOWNSAMPLER", "bicubic")])
+def test_a_key_renamed_by_the_input_scale_rework_is_refused_by_name(old_key, value, tmp_path):
+    """The keys of before one input-scale concept (see README, "Config keys") are not silently
+    ignored: Detectron2 refuses them by name, as any unknown key."""
+    student = os.path.join(REPO, "configs", "quickstart", "student.yaml")
+    with pytest.raises(AssertionError, match=f"Non-existent key: {re.escape(old_key)}$"):
+        load_config(student, [old_key, value])  # on the command line
+    in_file = tmp_path / "old.yaml"
+    *parents, leaf = old_key.split(".")
+    nested = "".join(f"{'  ' * i}{name}:\n" for i, name in enumerate(parents))
+    in_file.write_text(f"_BASE_: {student}\n{nested}{'  ' * len(parents)}{leaf}: {value!r}\n")
+    with pytest.raises(KeyError, match="Non-existent config key: ") as refused:
+        load_config(str(in_file))  # in a config file: named down to the first unknown part
+    assert old_key.startswith(str(refused.value).split(": ")[1].rstrip("'\""))

@@ -43,7 +43,7 @@ def test_cuda_and_cpu_give_the_same_head_outputs():
     with torch.no_grad():
         outs = []
         for model in (cpu, gpu):
-            _, _, fused = model.multiscale_features(model.preprocess_image(batch).tensor)
+            fused = model.extract(model.preprocess_image(batch)).head_in
             outs.append([t.cpu() for branch in model.head(fused) for t in branch])
     torch.backends.cudnn.allow_tf32 = tf32
     for a, b in zip(*outs):
@@ -57,12 +57,12 @@ def test_train_and_eval_scripts_run_on_cuda(tmp_path):
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     final_ap(teacher.stdout)
     student = train_net("--config-file", os.path.join(REPO, "configs/quickstart/student.yaml"),
-                        *common, "MODEL.MSAD.TEACHER.WEIGHTS", tmp_path / "t" / "model_final.pth",
+                        *common, "MODEL.TEACHER.WEIGHTS", tmp_path / "t" / "model_final.pth",
                         "OUTPUT_DIR", tmp_path / "s", script="train_net_S.py")
     assert student.returncode == 0, student.stderr[-3000:]
     evaluated = train_net("--config-file", os.path.join(REPO, "configs/quickstart/student.yaml"),
                           "--eval-only", "MODEL.DEVICE", "cuda", "MODEL.WEIGHTS",
-                          tmp_path / "s" / "model_final.pth", "MODEL.MSAD.TEACHER.WEIGHTS",
+                          tmp_path / "s" / "model_final.pth", "MODEL.TEACHER.WEIGHTS",
                           "absent.pth", "OUTPUT_DIR", tmp_path / "e", script="train_net_S.py")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert final_ap(evaluated.stdout) == final_ap(student.stdout)
@@ -76,7 +76,7 @@ def test_thumbdet_trains_a_step_on_cuda(tmp_path):
     teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.DEVICE", "cuda"))
     DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save("hr")
     cfg = quickstart_cfg("thumbdet_4x", "MODEL.DEVICE", "cuda",
-                         "MODEL.MSAD.TEACHER.WEIGHTS", str(tmp_path / "hr.pth"))
+                         "MODEL.TEACHER.WEIGHTS", str(tmp_path / "hr.pth"))
     model = build_model(cfg)
     model.attach_teacher(build_frozen_teacher(cfg))
     with EventStorage(0):

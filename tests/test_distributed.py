@@ -27,10 +27,10 @@ CASES = {
     "teacher": ("train_net_T.py", []),
     # Distillation ramps up from iteration 0 (an untrained teacher's features are far from the
     # student's: at full weight the first steps are large enough to amplify rounding chaotically).
-    "student": ("train_net_S.py", ["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/teacher.pth",
+    "student": ("train_net_S.py", ["MODEL.TEACHER.WEIGHTS", "{teachers}/teacher.pth",
                                    "MODEL.MSAD.KD_WARMUP_ITERS", 10]),
     # Warm-up (statistics loss only) for the first iteration, detection and distillation after.
-    "thumbdet_4x": ("train_net_S.py", ["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/hr_baseline.pth",
+    "thumbdet_4x": ("train_net_S.py", ["MODEL.TEACHER.WEIGHTS", "{teachers}/hr_baseline.pth",
                                        "MODEL.THUMBDET.WARMUP_ITERS", 1]),
 }
 
@@ -72,22 +72,22 @@ def test_two_processes_train_like_one(name, tmp_path, untrained_teachers):
 
 def test_the_students_frozen_teacher_is_outside_ddp_and_the_optimizer(untrained_teachers,
                                                                        tmp_path, monkeypatch):
-    """StudentTrainer as it runs in several processes: its model DDP-wrapped, the teacher not."""
+    """DistillationTrainer as it runs in several processes: its model DDP-wrapped, the teacher not."""
     import torch.distributed as dist
     from detectron2.utils import comm
     from torch.nn.parallel import DistributedDataParallel
 
-    import train_net_S
     from conftest import quickstart_cfg
+    from msad.engine import DistillationTrainer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)  # so that the trainer wraps in DDP
     try:
-        cfg = quickstart_cfg("student", "MODEL.MSAD.TEACHER.WEIGHTS",
+        cfg = quickstart_cfg("student", "MODEL.TEACHER.WEIGHTS",
                              str(untrained_teachers / "teacher.pth"), "OUTPUT_DIR",
                              str(tmp_path / "out"), "DATALOADER.NUM_WORKERS", 0)
         cfg.freeze()
-        trainer = train_net_S.StudentTrainer(cfg)
+        trainer = DistillationTrainer(cfg)
         assert isinstance(trainer.model, DistributedDataParallel)
         teacher = {id(p) for p in trainer.teacher.parameters()}
         assert teacher and trainer.model.module.teacher is trainer.teacher

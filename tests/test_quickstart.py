@@ -43,7 +43,7 @@ def test_each_quickstart_config_writes_where_the_quickstart_puts_its_seed():
     for name, *_ in STAGES:
         cfg = quickstart_cfg(name)
         alone = [cfg.OUTPUT_DIR, str(cfg.SEED)] + [
-            cfg.MODEL.WEIGHTS if key == "MODEL.WEIGHTS" else cfg.MODEL.MSAD.TEACHER.WEIGHTS
+            cfg.MODEL.WEIGHTS if key == "MODEL.WEIGHTS" else cfg.MODEL.TEACHER.WEIGHTS
             for key in next(stage[4] for stage in STAGES if stage[0] == name)]
         opts = stage_opts(name, "output/quickstart", cfg.SEED, [])
         assert alone == opts[1::2], name

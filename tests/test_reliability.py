@@ -43,8 +43,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": {"w": payload}}, f)
-    with pytest.raises(RuntimeError, match=r"MODEL\.MSAD\.TEACHER\.WEIGHTS: cannot load .*evil\.pth"):
-        load_state_dict_file(str(path), "MODEL.MSAD.TEACHER.WEIGHTS")
+    with pytest.raises(RuntimeError, match=r"MODEL\.TEACHER\.WEIGHTS: cannot load .*evil\.pth"):
+        load_state_dict_file(str(path), "MODEL.TEACHER.WEIGHTS")
     assert not marker.exists()
 
 

@@ -10,19 +10,18 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-import train_net_S
 from conftest import REPO, quickstart_cfg
 from msad.checkpoint import SafeCheckpointer
-from msad.distill import IterationSchedule
+from msad.engine import DistillationTrainer, IterationSchedule
 from test_train_net import train_net
 
 MAX_ITER = 40
 # What each model schedules by iteration, and the value it must have at iteration `it`.
 CASES = {
-    "student": (["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/teacher.pth",
+    "student": (["MODEL.TEACHER.WEIGHTS", "{teachers}/teacher.pth",
                  "MODEL.MSAD.KD_WARMUP_ITERS", 100],
                 "distill_warmup", lambda it: it / 100),
-    "thumbdet_4x": (["MODEL.MSAD.TEACHER.WEIGHTS", "{teachers}/hr_baseline.pth",
+    "thumbdet_4x": (["MODEL.TEACHER.WEIGHTS", "{teachers}/hr_baseline.pth",
                      "MODEL.THUMBDET.WARMUP_ITERS", 5],
                     "detection_phase", lambda it: float(it >= 5)),
 }
@@ -87,7 +86,7 @@ def test_sigkill_while_saving_then_resume_continues_from_the_last_checkpoint(
 
     cfg = quickstart_cfg(name, *opts, "DATALOADER.NUM_WORKERS", 0)
     cfg.freeze()
-    trainer = train_net_S.StudentTrainer(cfg)
+    trainer = DistillationTrainer(cfg)
     trainer.resume_or_load(resume=True)
     assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the half checkpoint is gone
     assert trainer.start_iter == start

@@ -9,10 +9,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-import train_net_S
 from conftest import REPO, quickstart_cfg
-from msad.distill import IterationSchedule, aligned_feature_l1, warmup_factor
-from msad.engine import build_frozen_teacher
+from msad.alignment import Branch
+from msad.distill import aligned_feature_l1, warmup_factor
+from msad.engine import DistillationTrainer, IterationSchedule, build_frozen_teacher
 from test_teacher import _inputs
 
 
@@ -28,8 +28,8 @@ def teacher_files(tmp_path_factory):
 
 def student_cfg(teacher_files, tmp_path, *opts):
     config, weights = teacher_files
-    return quickstart_cfg("student", "MODEL.MSAD.TEACHER.CONFIG_FILE", config,
-                          "MODEL.MSAD.TEACHER.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path),
+    return quickstart_cfg("student", "MODEL.TEACHER.CONFIG_FILE", config,
+                          "MODEL.TEACHER.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path),
                           "DATALOADER.NUM_WORKERS", 0, *opts)
 
 
@@ -56,8 +56,8 @@ def test_student_distillation_loss_is_alpha_t2_warmup_l1(teacher_files, tmp_path
         losses = student(batch)
     with torch.no_grad():
         images = student.preprocess_image(batch)
-        mine = student.branch_features(images.tensor, 2)
-        _, _, fused = student.teacher.multiscale_features(images.tensor)
+        mine = student.extract(images).head_in
+        fused = student.teacher.extract(images).head_in
     want = 0.2 * 3.0**2 * 0.5 * aligned_feature_l1(mine, fused, 3.0)
     torch.testing.assert_close(losses["loss_distill"], want)
     assert {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"} <= set(losses)
@@ -80,7 +80,7 @@ def test_without_distillation_the_teacher_only_initialises_the_student(teacher_f
     def boom(*args, **kwargs):
         raise AssertionError("the teacher ran although nothing is distilled")
 
-    student.teacher.distillation_features = student.teacher.preprocess_image = boom
+    student.teacher.extract = student.teacher.preprocess_image = boom
     with EventStorage(0):
         losses = student(_inputs([(200, 240)]))
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
@@ -128,7 +128,7 @@ def test_student_inference_never_runs_the_teacher(teacher_files, tmp_path):
         raise AssertionError("the teacher ran at inference")
 
     student.teacher.forward = boom
-    student.teacher.multiscale_features = boom
+    student.teacher.extract = boom
     student.teacher.preprocess_image = boom
     with torch.no_grad():
         out = student(_inputs([(200, 210), (256, 256), (190, 250)], with_boxes=False))
@@ -155,19 +155,33 @@ def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
 def test_light_student_distills_the_four_levels_it_shares(teacher_files, tmp_path):
     cfg = student_cfg(teacher_files, tmp_path)
     cfg.merge_from_file(os.path.join(REPO, "configs", "quickstart", "student_light.yaml"))
-    cfg.MODEL.MSAD.TEACHER.WEIGHTS = teacher_files[1]
+    cfg.MODEL.TEACHER.WEIGHTS = teacher_files[1]
     student = student_with_teacher(cfg).train()
-    assert student.levels[2] == ["p3", "p4", "p5", "p6", "p7"]  # of the 0.5x image
+    assert student.branches == [Branch(2, ("p3", "p4", "p5", "p6", "p7"))]  # of the 0.5x image
+    assert student.full_resolution_levels == ["p4", "p5", "p6", "p7", "p8"]
     assert student.teacher_pairs(student.teacher) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     with EventStorage(0):
         losses = student(_inputs([(224, 256)]))
     assert losses["loss_distill"].item() > 0
 
 
+def test_while_distilling_the_batch_is_padded_for_student_and_teacher(teacher_files, tmp_path):
+    """Aligned levels are compared on one padded batch: a teacher that needs a coarser multiple
+    than the student (here by config) raises the student's padding for training only."""
+    student = build_model(student_cfg(teacher_files, tmp_path))
+    teacher = build_model(quickstart_cfg("teacher", "MODEL.FCOS.SIZE_DIVISIBILITY", 256))
+    student.attach_teacher(teacher)
+    batch = _inputs([(200, 300)])
+    assert student.train().preprocess_image(batch).tensor.shape[-2:] == (256, 512)
+    with EventStorage(0):
+        assert student(batch)["loss_distill"].item() > 0
+    assert student.eval().preprocess_image(batch).tensor.shape[-2:] == (256, 384)
+
+
 @pytest.mark.parametrize("key,value,message", [
-    ("MODEL.MSAD.TEACHER.WEIGHTS", "nowhere/teacher.pth", "nowhere/teacher.pth"),
-    ("MODEL.MSAD.TEACHER.CONFIG_FILE", "nowhere/teacher.yaml", "nowhere/teacher.yaml"),
-    ("MODEL.MSAD.TEACHER.CONFIG_FILE", "", "CONFIG_FILE is empty"),
+    ("MODEL.TEACHER.WEIGHTS", "nowhere/teacher.pth", "nowhere/teacher.pth"),
+    ("MODEL.TEACHER.CONFIG_FILE", "nowhere/teacher.yaml", "nowhere/teacher.yaml"),
+    ("MODEL.TEACHER.CONFIG_FILE", "", "CONFIG_FILE is empty"),
 ])
 def test_missing_teacher_files_are_named(teacher_files, tmp_path, key, value, message):
     with pytest.raises((FileNotFoundError, ValueError), match=message):
@@ -178,14 +192,14 @@ def test_teacher_checkpoint_of_another_width_is_refused(teacher_files, tmp_path)
     cfg = student_cfg(teacher_files, tmp_path)
     wide = build_model(quickstart_cfg("teacher", "MODEL.SLIMMABLE.WIDTH", 0.5))
     DetectionCheckpointer(wide, save_dir=str(tmp_path)).save("wide")
-    cfg.MODEL.MSAD.TEACHER.WEIGHTS = str(tmp_path / "wide.pth")
+    cfg.MODEL.TEACHER.WEIGHTS = str(tmp_path / "wide.pth")
     with pytest.raises(ValueError, match=r"does not fit.*of another shape"):
         build_frozen_teacher(cfg)
 
 
 def _trainer(cfg):
     cfg.freeze()
-    return train_net_S.StudentTrainer(cfg)
+    return DistillationTrainer(cfg)
 
 
 def test_fresh_run_starts_from_the_teacher_and_resume_from_the_student(teacher_files, tmp_path):

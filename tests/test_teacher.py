@@ -8,7 +8,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import quickstart_cfg
-from msad.alignment import aligned_levels, downsample, level_shift
+from msad.alignment import (Branch, check_levels, downsample, level_shift, padding_multiple,
+                            shift_levels)
 from msad.teacher import CrossLevelFusion
 
 
@@ -35,17 +36,50 @@ def teacher(cfg):
 
 def test_level_pairing_is_one_shift_per_factor():
     hr = ["p3", "p4", "p5", "p6", "p7"]
-    assert aligned_levels(hr, 1) == hr
-    assert aligned_levels(hr, 2) == ["p2", "p3", "p4", "p5", "p6"]
-    assert aligned_levels(hr, 4) == ["p1", "p2", "p3", "p4", "p5"]
+    lr = ["p2", "p3", "p4", "p5", "p6"]
+    assert shift_levels(hr, -1) == lr
+    assert Branch(1, hr).full_resolution_levels == hr
+    assert Branch(2, lr).full_resolution_levels == hr
+    assert Branch(4, lr).full_resolution_levels == ["p4", "p5", "p6", "p7", "p8"]
     assert level_shift(4) == 2
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="MODEL.FCOS.INPUT_FACTOR must be a power of two"):
         level_shift(3)
-    with pytest.raises(ValueError, match="missing"):
-        aligned_levels(hr, 4, available={"p2", "p3", "p4", "p5", "p6", "p7"})
+    with pytest.raises(ValueError, match="need backbone levels \\['p1'\\]"):
+        check_levels(Branch(4, shift_levels(hr, -2)), {"p2", "p3", "p4", "p5", "p6", "p7"})
+    with pytest.raises(ValueError, match="'P3' is not an FPN level name"):
+        shift_levels(["P3"], 1)
 
 
-@pytest.mark.parametrize("size", [(256, 256), (512, 768), (768, 256)])
+STRIDES = {f"p{level}": 2 ** level for level in range(2, 8)}
+
+
+def test_padding_is_the_coarsest_stride_read_in_full_image_pixels():
+    hr, lr = Branch(1, ("p3", "p4", "p5", "p6", "p7")), Branch(2, ("p2", "p3", "p4", "p5", "p6"))
+    assert padding_multiple(0, [hr, lr], STRIDES) == 128  # the teacher: not 256
+    assert padding_multiple(0, [lr], STRIDES) == 128  # the LR FCOS and student
+    assert padding_multiple(0, [Branch(4, lr.levels)], STRIDES) == 256  # a 4x thumbnail's P6
+    assert padding_multiple(0, [Branch(2, ("p3", "p4"))], STRIDES) == 32
+    assert padding_multiple(384, [hr, lr], STRIDES) == 384  # a config may raise it
+    with pytest.raises(ValueError, match="MODEL.FCOS.SIZE_DIVISIBILITY=192 must be a multiple of "
+                                         "128 \\(factor 1 x stride 128 of p7"):
+        padding_multiple(192, [hr, lr], STRIDES)
+
+
+@pytest.mark.parametrize("name, padding", [("teacher", 128), ("hr_baseline", 128),
+                                           ("lr_baseline", 128), ("student_light", 256),
+                                           ("thumbdet_4x", 256), ("bicubic_4x", 256)])
+def test_each_model_pads_to_what_its_levels_need(name, padding):
+    model = build_model(quickstart_cfg(name))
+    assert model.size_divisibility == padding
+    inputs = model.branch_input_sizes((200, 300))
+    padded = (256, 384) if padding == 128 else (256, 512)
+    assert [(h * b.factor, w * b.factor) for (h, w), b in zip(inputs, model.branches)] == \
+        [padded] * len(inputs)
+    with pytest.raises(ValueError, match=f"must be a multiple of {padding}"):
+        build_model(quickstart_cfg(name, "MODEL.FCOS.SIZE_DIVISIBILITY", padding // 2))
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 768), (768, 256), (384, 640)])
 def test_lr_level_l_matches_hr_level_l_plus_1(teacher, size):
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
@@ -95,7 +129,8 @@ def _arch_cfg(arch):
     if arch == "hr":
         opts += ["MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]]
     else:
-        opts += ["MODEL.FCOS.INPUT_RESOLUTION", "LR", "MODEL.FPN.NUM_TOP_LEVELS", 1]
+        opts += ["MODEL.FCOS.INPUT_FACTOR", 2, "MODEL.FCOS.IN_FEATURES",
+                 ["p2", "p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1]
     return quickstart_cfg("teacher", *opts)
 
 

@@ -25,7 +25,7 @@ def hr_teacher_weights(tmp_path_factory):
 
 
 def thumbdet_cfg(weights, *opts):
-    return quickstart_cfg("thumbdet_4x", "MODEL.MSAD.TEACHER.WEIGHTS", weights, *opts)
+    return quickstart_cfg("thumbdet_4x", "MODEL.TEACHER.WEIGHTS", weights, *opts)
 
 
 def thumbdet_with_teacher(cfg):
@@ -117,7 +117,7 @@ def test_unknown_factor_is_named():
     with pytest.raises(ValueError, match="FACTOR must be one of \\(2, 4\\), got 3"):
         LearnedDownsampler(3)
     with pytest.raises(ValueError, match="got 8"):
-        build_model(quickstart_cfg("thumbdet_4x", "MODEL.THUMBDET.FACTOR", 8))
+        build_model(quickstart_cfg("thumbdet_4x", "MODEL.FCOS.INPUT_FACTOR", 8))
 
 
 def test_statistics_loss_matches_a_hand_computation():
@@ -185,14 +185,14 @@ def test_teacher_is_frozen_and_unused_at_inference(hr_teacher_weights):
     def boom(*args, **kwargs):
         raise AssertionError("the teacher ran at inference")
 
-    teacher.forward = teacher.distillation_features = teacher.preprocess_image = boom
+    teacher.forward = teacher.extract = teacher.preprocess_image = boom
     with torch.no_grad():
         out = model.eval()(_inputs([(201, 199), (256, 256), (96, 130)], with_boxes=False))
     assert [o["instances"].image_size for o in out] == [(201, 199), (256, 256), (96, 130)]
 
 
 def test_a_teacher_whose_levels_cannot_align_is_refused(hr_teacher_weights):
-    model = build_model(thumbdet_cfg(hr_teacher_weights, "MODEL.THUMBDET.IN_FEATURES", ["p5", "p6"],
+    model = build_model(thumbdet_cfg(hr_teacher_weights, "MODEL.FCOS.IN_FEATURES", ["p5", "p6"],
                                      "MODEL.FPN.IN_FEATURES", ["res5"]))
     teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.IN_FEATURES",
                                          ["p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1))
@@ -202,15 +202,19 @@ def test_a_teacher_whose_levels_cannot_align_is_refused(hr_teacher_weights):
 
 def test_images_smaller_than_the_factor_are_refused(hr_teacher_weights):
     model = build_model(thumbdet_cfg(hr_teacher_weights)).eval()
-    with pytest.raises(ValueError, match="3x50 image is smaller than MODEL.THUMBDET.FACTOR=4"):
+    with pytest.raises(ValueError, match="3x50 image is smaller than MODEL.FCOS.INPUT_FACTOR=4"):
         model(_inputs([(3, 50)], with_boxes=False))
 
 
-def test_bicubic_baseline_has_no_downsampler_and_no_statistics_loss():
+def test_bicubic_baseline_is_the_single_scale_fcos_on_the_bicubic_thumbnail():
     model = build_model(quickstart_cfg("bicubic_4x")).train()
-    assert model.downsampler is None and model.teacher is None
+    assert type(model).__name__ == "SingleScaleFCOS" and not hasattr(model, "downsampler")
+    batch = _inputs([(200, 240)])
+    images = model.preprocess_image(batch)
+    torch.testing.assert_close(model.extract(images).inputs[0],
+                               downsample(images.tensor, 4, "bicubic"), rtol=0, atol=0)
     with EventStorage(0):
-        losses = model(_inputs([(200, 240)]))
+        losses = model(batch)
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
 
 
@@ -233,15 +237,15 @@ def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path
 
 def train_thumbdet(teacher_weights, out, seed, pushed_weights=None):
     """The quickstart ThumbDet 4x, 30 iterations (warm-up 10), through train_net_S.py's trainer."""
-    import train_net_S
     from detectron2.utils.env import seed_all_rng
+    from msad.engine import DistillationTrainer
 
     cfg = thumbdet_cfg(teacher_weights, "SEED", seed, "SOLVER.MAX_ITER", 30,
                        "MODEL.THUMBDET.WARMUP_ITERS", 10, "DATASETS.TEST", "()",
                        "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(out))
     cfg.freeze()
     seed_all_rng(seed)  # as default_setup does in train_net_S.py
-    trainer = train_net_S.StudentTrainer(cfg)
+    trainer = DistillationTrainer(cfg)
     trainer.resume_or_load(resume=False)
     if pushed_weights is not None:
         trainer.model.downsampler.load_state_dict(pushed_weights)
@@ -260,8 +264,7 @@ def thumbnail_statistics(cfg, model, dataset_dicts):
             images = model.preprocess_image([model_input(cfg, d)])
             unit = model.unit_range(images.tensor)
             h, w = d["height"], d["width"]
-            thumb = model.thumbnail(unit, images.image_sizes)[0, :, :math.ceil(h / 4),
-                                                              :math.ceil(w / 4)].flatten(1)
+            thumb = model.thumbnail(images)[0, :, :math.ceil(h / 4), :math.ceil(w / 4)].flatten(1)
             out.append((unit[0, :, :h, :w].flatten(1).mean(1), thumb.mean(1), thumb.std(1)))
     return out
 

@@ -105,8 +105,8 @@ def measure_one(args):
         "peak_memory_mb": peak_memory_mb(device),  # inference, before any training step
     }
     if args.train:
-        if cfg.MODEL.MSAD.TEACHER.CONFIG_FILE:  # built now: the inference peak is the student's
-            model.attach_teacher(build(os.path.join(REPO, cfg.MODEL.MSAD.TEACHER.CONFIG_FILE),
+        if cfg.MODEL.TEACHER.CONFIG_FILE:  # built now: the inference peak is the student's
+            model.attach_teacher(build(os.path.join(REPO, cfg.MODEL.TEACHER.CONFIG_FILE),
                                        device, args.channels_last)[1])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()

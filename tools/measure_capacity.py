@@ -9,9 +9,11 @@ Two tables, printed and written as JSON (--output):
    and the idealised w^2 x (1 + 1/4) (teacher) or w^2 / 4 (student).  The paper's column is the
    idealised one rounded to two decimals; counted, the 3-channel stem scales with w rather than
    w^2 and the borders of odd-sized maps round up, which is where the two differ.
-2. End-to-end inference MACs of every model (backbone, FPN, head, down-sampler separately) at
-   --size, as the model really runs: images padded to a multiple of 256, the teacher's two
-   backbone passes and one head pass on the fused levels, the thumbnail models' down-sampler.
+2. End-to-end inference MACs of every model (backbone, FPN, head, fusion, down-sampler
+   separately) at --size, as the model really runs: one inference forward of the model is
+   watched, and every call of each of its parts (its child modules: the teacher's backbone runs
+   twice) is counted on the very inputs it got, so the count follows the model's own code.
+   Images are padded as the model pads them (``branch_input_sizes``).
 
 Counted: convolutions and linear layers (fvcore's handles), not norms, activations, resizing.
 
@@ -26,8 +28,10 @@ import warnings
 from collections import Counter
 
 import torch
+from torch import nn
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*torch.meshgrid.*", category=UserWarning)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -36,11 +40,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 import msad  # noqa: E402,F401
-from msad.alignment import downsample  # noqa: E402
 from msad.backbone import build_slimmable_resnet  # noqa: E402
 from msad.engine import load_config  # noqa: E402
-from msad.teacher import MultiScaleTeacher  # noqa: E402
-from msad.thumbdet import ThumbDet  # noqa: E402
 
 # MSAD README, "Capacity" column: width -> (teacher, student).
 PAPER_CAPACITY = {0.25: (0.08, 0.02), 0.5: (0.31, 0.06), 0.75: (0.70, 0.14), 1.0: (1.25, 0.25)}
@@ -91,37 +92,32 @@ def capacity_table(size=CAPACITY_SIZE):
 
 
 def model_macs(model, size):
-    """MACs of one inference pass, by part, as the model runs it on one size x image."""
-    with torch.no_grad():
-        padded = model.preprocess_image([{"image": torch.zeros(3, *size)}]).tensor
+    """MACs of one inference pass by part (each child module of the model; the backbone split
+    into ResNet and FPN), and the size of each branch's input, for one size image."""
+    calls = []
+    hooks = [module.register_forward_hook(
+        lambda module, args, output, part=part: calls.append((part, module, args)))
+        for part, child in model.named_children()
+        for module in (child if isinstance(child, nn.ModuleList) else [child])
+        if next(module.parameters(), None) is not None]  # not the anchor generator
+    try:
+        with torch.no_grad():
+            model([{"image": torch.zeros(3, *size)}])
+    finally:
+        for hook in hooks:
+            hook.remove()
     parts = Counter()
-
-    def branch(image, levels):
-        resnet = count_macs(model.backbone.bottom_up, image)
-        parts["backbone"] += resnet
-        parts["fpn"] += count_macs(model.backbone, image) - resnet
-        with torch.no_grad():
-            features = model.backbone(image)
-        return [features[name] for name in levels]
-
-    if isinstance(model, ThumbDet):
-        unit = model.unit_range(padded)
-        if model.downsampler is not None:
-            parts["downsampler"] += count_macs(model.downsampler, unit)
-        with torch.no_grad():
-            thumb = model.thumbnail(unit)
-        head_in = branch(thumb, model.levels[model.factor])
-    elif isinstance(model, MultiScaleTeacher):
-        hr = branch(padded, model.levels[1])
-        lr = branch(downsample(padded, model.lr_factor, model.resample), model.levels[model.lr_factor])
-        head_in = [fuse(h, l) for fuse, h, l in zip(model.fusion, hr, lr)]
-        parts["fusion"] += sum(count_macs(fuse, h, l) for fuse, h, l in zip(model.fusion, hr, lr))
-    else:  # SingleScaleFCOS and the student
-        f = model.input_factor
-        head_in = branch(downsample(padded, f, model.resample), model.levels[f])
-    parts["head"] += count_macs(model.head, head_in)
+    for part, module, args in calls:
+        tensors = tuple(a for a in args if not isinstance(a, (list, tuple))
+                        or all(torch.is_tensor(t) for t in a))  # not the images' sizes
+        if part == "backbone":
+            resnet = count_macs(module.bottom_up, *tensors)
+            parts["backbone"] += resnet
+            parts["fpn"] += count_macs(module, *tensors) - resnet
+        else:
+            parts[part] += count_macs(module, *tensors)
     parts["total"] = sum(parts.values())
-    return dict(parts), tuple(padded.shape[-2:])
+    return dict(parts), model.branch_input_sizes(size)
 
 
 def end_to_end_table(size):
@@ -130,8 +126,8 @@ def end_to_end_table(size):
         cfg = load_config(os.path.join(REPO, config), [
             "MODEL.DEVICE", "cpu", "MODEL.SLIMMABLE.PRETRAINED", "", "MODEL.RESNETS.NORM", "FrozenBN"])
         model = build_model(cfg).eval()
-        parts, padded = model_macs(model, size)
-        rows.append({"model": name, "config": config, "padded_input": list(padded),
+        parts, inputs = model_macs(model, size)
+        rows.append({"model": name, "config": config, "backbone_inputs": [list(i) for i in inputs],
                      **{k: v / 1e9 for k, v in parts.items()}})
         print(f"  counted {name}", file=sys.stderr, flush=True)
     return rows
@@ -159,10 +155,12 @@ def main():
         print(f"\nEnd-to-end inference GMACs at {size[0]}x{size[1]} (width 1.0, zoo configs):")
         table = end_to_end_table(size)
         keys = ["backbone", "fpn", "head", "fusion", "downsampler", "total"]
-        print(f"{'model':<20} {'padded':>10}" + "".join(f"{k:>12}" for k in keys) + f"{'vs HR':>8}")
+        print(f"{'model':<20} {'backbone input':<20}" + "".join(f"{k:>12}" for k in keys)
+              + f"{'vs HR':>8}")
         for r in table:
             cells = "".join(f"{r.get(k, 0.0):12.1f}" for k in keys)
-            print(f"{r['model']:<20} {'x'.join(map(str, r['padded_input'])):>10}{cells}"
+            inputs = " + ".join("x".join(map(str, i)) for i in r["backbone_inputs"])
+            print(f"{r['model']:<20} {inputs:<20}{cells}"
                   f"{r['total'] / table[0]['total']:8.2f}")
         result.update(end_to_end=table, size=list(size))
 

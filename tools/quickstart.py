@@ -63,13 +63,13 @@ STAGES = (
     ("lr_baseline", "LR FCOS, no distillation", "train_net_T.py",
      "configs/quickstart/lr_baseline.yaml", {}),
     ("lr_teacher_init", "LR FCOS, teacher init, no distillation", "train_net_S.py",
-     "configs/quickstart/lr_teacher_init.yaml", {"MODEL.MSAD.TEACHER.WEIGHTS": "teacher"}),
+     "configs/quickstart/lr_teacher_init.yaml", {"MODEL.TEACHER.WEIGHTS": "teacher"}),
     ("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml",
-     {"MODEL.MSAD.TEACHER.WEIGHTS": "teacher"}),
-    ("bicubic_4x", "bicubic 4x thumbnail FCOS", "train_net_S.py",
+     {"MODEL.TEACHER.WEIGHTS": "teacher"}),
+    ("bicubic_4x", "bicubic 4x thumbnail FCOS", "train_net_T.py",
      "configs/quickstart/bicubic_4x.yaml", {"MODEL.WEIGHTS": "hr_baseline"}),
     ("thumbdet_4x", "ThumbDet 4x (learned)", "train_net_S.py",
-     "configs/quickstart/thumbdet_4x.yaml", {"MODEL.MSAD.TEACHER.WEIGHTS": "hr_baseline"}),
+     "configs/quickstart/thumbdet_4x.yaml", {"MODEL.TEACHER.WEIGHTS": "hr_baseline"}),
 )
 MACS_SIZE = (256, 256)  # every bundled image pads to one 256x256 tile
 METRICS = ("AP", "APs", "APm", "APl")
@@ -148,13 +148,6 @@ def model_input(cfg, dataset_dict):
     image = read_image(dataset_dict["file_name"], format=cfg.INPUT.FORMAT)
     tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
     return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
-
-
-def backbone_inputs(model, sample):
-    """The sizes the backbone sees: (H, W) for each branch of the model."""
-    with torch.no_grad():
-        padded = model.preprocess_image([sample]).tensor
-    return ["x".join(str(s // f) for s in padded.shape[-2:]) for f in sorted(model.levels)]
 
 
 def time_inference(model, samples):
@@ -322,9 +315,10 @@ def main():
                                 os.path.join(seed_dir(args.output, seeds[0]), name,
                                              "model_final.pth"))
         samples = [model_input(cfg, d) for d in val[: args.timing_images]]
+        macs, inputs = model_macs(model, MACS_SIZE)
         rows.append({"model": label, "name": name, **summarise(per_seed), "per_seed": per_seed,
-                     "backbone_input": " + ".join(backbone_inputs(model, samples[0])),
-                     "gmacs": model_macs(model, MACS_SIZE)[0]["total"] / 1e9,
+                     "backbone_input": " + ".join("x".join(map(str, i)) for i in inputs),
+                     "gmacs": macs["total"] / 1e9,
                      "ms_per_image": time_inference(model, samples)})
         panels.append(panel(image_rgb, metadata, label,
                             instances=top_detections(model, samples[0], keep=len(gt) + 3)))

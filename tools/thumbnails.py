@@ -49,7 +49,7 @@ def compare(model, image_rgb, input_format="RGB"):
     """
     if getattr(model, "downsampler", None) is None:
         raise ValueError(f"{type(model).__name__} has no learned down-sampler to show "
-                         "(use a ThumbDet config with MODEL.THUMBDET.DOWNSAMPLER learned)")
+                         "(use a ThumbDet config)")
     h, w = image_rgb.shape[:2]
     f = model.factor
     size = (w * DISPLAY_SCALE, h * DISPLAY_SCALE)
@@ -60,7 +60,7 @@ def compare(model, image_rgb, input_format="RGB"):
         images = model.preprocess_image([{"image": image}])
         unit = model.unit_range(images.tensor)
         thumbs = {"bicubic": downsample(unit, f, "bicubic"),
-                  "learned": model.thumbnail(unit, images.image_sizes)}
+                  "learned": model.thumbnail(images)}
     panels = [titled(cv2.resize(image_rgb, size, interpolation=cv2.INTER_NEAREST),
                      f"source {w}x{h}")]
     th, tw = math.ceil(h / f), math.ceil(w / f)
