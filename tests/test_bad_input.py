@@ -265,6 +265,16 @@ def test_bad_config_values_are_named_before_anything_is_written(tmp_path, opts, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.FCOS.SIZE_DIVISIBILITY", 96], "MODEL.FCOS.SIZE_DIVISIBILITY=96 must be a multiple of 128"),
+    (["MODEL.FCOS.INPUT_FACTOR", 3], "MODEL.FCOS.INPUT_FACTOR must be a power of two >= 1, got 3"),
+])
+def test_bad_input_scale_values_are_named_before_training(tmp_path, opts, message):
+    proc = train_net("--config-file", QUICKSTART_TEACHER, *opts, "OUTPUT_DIR", tmp_path / "out")
+    assert failed_naming(proc, message)
+    assert not list((tmp_path / "out").glob("*.pth"))
+
+
 def test_an_output_dir_that_cannot_be_written_is_named(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
