@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from detectron2.structures import ImageList
 
 RESAMPLE_MODES = ("nearest", "bilinear", "bicubic")
+# What a detector is given: the full-resolution image, or one already 1/INPUT_FACTOR of it.
+INPUT_SCALES = ("full", "low")
 
 
 def level_index(name: str, key="MODEL.FCOS.IN_FEATURES") -> int:

@@ -46,6 +46,13 @@ def add_msad_config(cfg):
     # MSAD teacher's LR branch): "nearest" (MSAD), or "bilinear"/"bicubic" (antialiased; bicubic
     # at INPUT_FACTOR 4 is ThumbDet's bicubic-thumbnail baseline).  ThumbDet learns its own.
     _C.MODEL.FCOS.INPUT_RESAMPLE = "nearest"
+    # What the detector is given at test time: "full" (the full-resolution image; it makes its
+    # 1/INPUT_FACTOR copy itself) or "low" (an image that is already 1/INPUT_FACTOR of the
+    # training resolution, e.g. from a smaller camera: read as it is, no resampling, padded to
+    # what its levels need, boxes returned in its own pixels; INPUT.MIN/MAX_SIZE_TEST are
+    # divided by INPUT_FACTOR to match).  "low" needs one branch with INPUT_FACTOR > 1 made by
+    # resampling (not ThumbDet's learned thumbnail, not the teacher); it is for inference only.
+    _C.MODEL.FCOS.INPUT_SCALE = "full"
     # Levels the head reads, named in the terms of that input: P(l) of the 1/f input lies on the
     # full image's P(l + log2 f) grid (p2-p6 of the half-size image = full-image strides 8-128).
     _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]

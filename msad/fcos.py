@@ -28,8 +28,9 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .alignment import (Branch, check_levels, check_resample, downsample, level_index,
-                        level_shift, normalize_and_pad, padded_size, padding_multiple)
+from .alignment import (INPUT_SCALES, Branch, check_levels, check_resample, downsample,
+                        level_index, level_shift, normalize_and_pad, padded_size,
+                        padding_multiple)
 
 
 def sum_over_processes(value: float, device) -> float:
@@ -90,13 +91,15 @@ class AlignedFCOS(FCOS):
             full-resolution grid of its ``full_resolution_levels``; the others align with it.
         input_resample: how a branch's 1/factor copy of the padded batch is made.
         size_divisibility: the padding multiple; 0 = what the branches' levels need.
+        input_scale: "full": given full-resolution images; "low" (inference, one branch at
+            factor f > 1): given images already 1/f of that, read as they are.
         **fcos_kwargs: Detectron2's ``FCOS`` arguments (classes, losses, test settings, pixel
             mean/std).
     """
 
     @configurable
     def __init__(self, *, backbone, head, branches: List[Branch], input_resample: str,
-                 size_divisibility: int = 0, **fcos_kwargs):
+                 size_divisibility: int = 0, input_scale: str = "full", **fcos_kwargs):
         shapes = backbone.output_shape()
         for branch in branches:
             check_levels(branch, shapes)
@@ -109,12 +112,24 @@ class AlignedFCOS(FCOS):
                 "would get no gradient (and DDP would need find_unused_parameters): adjust "
                 "MODEL.FPN.IN_FEATURES / MODEL.FPN.NUM_TOP_LEVELS")
         check_resample(input_resample)
+        if input_scale not in INPUT_SCALES:
+            raise ValueError(f"MODEL.FCOS.INPUT_SCALE must be one of {INPUT_SCALES}, "
+                             f"got {input_scale!r}")
+        if input_scale == "low" and (len(branches) != 1 or branches[0].factor == 1):
+            raise ValueError(
+                "MODEL.FCOS.INPUT_SCALE 'low' gives the detector an image that is already "
+                "1/MODEL.FCOS.INPUT_FACTOR of the full one: it needs one input with "
+                f"INPUT_FACTOR > 1, and this model reads {len(branches)} input(s) at factors "
+                f"{[b.factor for b in branches]}")
         super().__init__(backbone=backbone, head=head, head_in_features=list(branches[0].levels),
                          **fcos_kwargs)
         self.branches = [Branch(b.factor, tuple(b.levels)) for b in branches]
         self.full_resolution_levels = self.branches[0].full_resolution_levels
         self.input_resample = input_resample
         self.size_divisibility = divisibility
+        # How much smaller than the full resolution the given images are: 1, or the factor of
+        # the one branch when it is given low-resolution images.
+        self.given_factor = self.branches[0].factor if input_scale == "low" else 1
         self._ema_steps: Dict[str, int] = {}
         # One anchor grid for every branch: the full-resolution strides.
         grid = self.branches[0].strides(strides)
@@ -136,6 +151,7 @@ class AlignedFCOS(FCOS):
             branches=branches,
             input_resample=cfg.MODEL.FCOS.INPUT_RESAMPLE,
             size_divisibility=cfg.MODEL.FCOS.SIZE_DIVISIBILITY,
+            input_scale=cfg.MODEL.FCOS.INPUT_SCALE,
             num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
             center_sampling_radius=cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS,
             focal_loss_alpha=cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA,
@@ -156,14 +172,16 @@ class AlignedFCOS(FCOS):
         if not self.training:
             results = self.forward_inference(images, features.head_in, predictions)
             return self.postprocess(results, batched_inputs, images.image_sizes)
+        if self.given_factor > 1:
+            raise RuntimeError("MODEL.FCOS.INPUT_SCALE 'low' is for inference: train with 'full'")
         losses = self.detection_losses(images, features, predictions,
                                        self.gt_instances(batched_inputs))
         losses.update(self.extra_losses(batched_inputs, images, features, predictions))
         return losses
 
     def padding(self) -> int:
-        """The multiple this model pads its batch to now."""
-        return self.size_divisibility
+        """The multiple this model pads its given batch to now."""
+        return self.size_divisibility // self.given_factor
 
     def preprocess_image(self, batched_inputs, size_divisibility=None):
         """Normalised batch, padded to `size_divisibility` (default: ``padding()``)."""
@@ -182,8 +200,9 @@ class AlignedFCOS(FCOS):
 
     # ---- extension points --------------------------------------------------------------------
     def branch_input(self, images: ImageList, branch: Branch) -> torch.Tensor:
-        """What the backbone of `branch` sees: the 1/factor copy of the padded batch."""
-        return downsample(images.tensor, branch.factor, self.input_resample)
+        """What the backbone of `branch` sees: the 1/factor copy of the padded batch (the given
+        batch itself when it is already that small)."""
+        return downsample(images.tensor, branch.factor // self.given_factor, self.input_resample)
 
     def head_features(self, branch_levels: List[List[torch.Tensor]]) -> List[torch.Tensor]:
         """The levels the head reads, from every branch's levels: here the first branch's."""
@@ -199,9 +218,11 @@ class AlignedFCOS(FCOS):
 
     # ---- shared pieces -----------------------------------------------------------------------
     def branch_input_sizes(self, image_size):
-        """(H, W) of every branch's backbone input for one image of `image_size` at inference."""
-        h, w = padded_size(image_size, self.size_divisibility)
-        return [(h // b.factor, w // b.factor) for b in self.branches]
+        """(H, W) of every branch's backbone input for one given image of `image_size` at
+        inference."""
+        h, w = padded_size(image_size, self.padding())
+        g = self.given_factor
+        return [(h * g // b.factor, w * g // b.factor) for b in self.branches]
 
     def gt_instances(self, batched_inputs):
         if "instances" not in batched_inputs[0]:
@@ -235,7 +256,8 @@ class AlignedFCOS(FCOS):
             predictions, [self.num_classes, 4, 1])
         anchors = self.anchor_generator(features)
         results = []
-        for i, image_size in enumerate(images.image_sizes):
+        for i, (h, w) in enumerate(images.image_sizes):
+            image_size = (h * self.given_factor, w * self.given_factor)  # full-resolution pixels
             scores = []
             for cls_logits, ctr_logits in zip(logits, ctrness):
                 prob = cls_logits[i].sigmoid()
@@ -253,7 +275,8 @@ class AlignedFCOS(FCOS):
 
     @staticmethod
     def postprocess(results, batched_inputs, image_sizes):
-        """Every image's detections, rescaled to its own requested height/width."""
+        """Every image's detections, rescaled to its own requested height/width (default: the
+        size it was given at)."""
         processed = []
         for result, inputs, image_size in zip(results, batched_inputs, image_sizes):
             height = inputs.get("height", image_size[0])

@@ -133,6 +133,14 @@ class CheckedDatasetMapper(DatasetMapper):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
+        factor = cfg.MODEL.FCOS.INPUT_FACTOR
+        if not is_train and cfg.MODEL.FCOS.INPUT_SCALE == "low" and factor > 1:
+            # Images already 1/factor of the training resolution: the same scene at the
+            # backbone needs the test resize divided by the factor too.
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.INPUT.MIN_SIZE_TEST = round(cfg.INPUT.MIN_SIZE_TEST / factor)
+            cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST / factor
         kwargs = super().from_config(cfg, is_train)
         kwargs["bad_images"] = cfg.DATALOADER.BAD_IMAGES if is_train else "raise"
         return kwargs

@@ -153,6 +153,10 @@ class ThumbDet(DistilledDetector, AlignedFCOS):
     def __init__(self, *, downsampler, stats_weight, stats_var_weight, warmup_iters, kd_weight,
                  kd_temperature, kd_t_squared, mimic_weight, mimic_mode, **kwargs):
         super().__init__(**kwargs)
+        if self.given_factor > 1:
+            raise ValueError("ThumbDet makes its thumbnail from the full-resolution image with "
+                             "its learned down-sampler, so it cannot be given a low-resolution "
+                             "one: MODEL.FCOS.INPUT_SCALE must be 'full'")
         if self.branches[0].factor != downsampler.factor:
             raise ValueError(f"the down-sampler makes 1/{downsampler.factor} thumbnails, the "
                              f"detector reads a 1/{self.branches[0].factor} input")
