@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import ImageList
 
-RESAMPLE_MODES = ("nearest", "bilinear", "bicubic")
+RESAMPLE_MODES = ("nearest", "area", "bilinear", "bicubic")
 # What a detector is given: the full-resolution image, or one already 1/INPUT_FACTOR of it.
 INPUT_SCALES = ("full", "low")
 
@@ -111,6 +111,6 @@ def downsample(x: torch.Tensor, factor, mode="nearest") -> torch.Tensor:
         return x
     check_resample(mode)
     size = (x.shape[-2] // factor, x.shape[-1] // factor)
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode="nearest")
+    if mode in ("nearest", "area"):  # area: the mean of each factor x factor block
+        return F.interpolate(x, size=size, mode=mode)
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)

@@ -43,8 +43,10 @@ def add_msad_config(cfg):
     # ThumbDet's thumbnail.  Boxes are predicted in full-image pixels whatever the factor.
     _C.MODEL.FCOS.INPUT_FACTOR = 1
     # How a 1/f copy of the padded, normalised batch is made (for INPUT_FACTOR > 1 and for the
-    # MSAD teacher's LR branch): "nearest" (MSAD), or "bilinear"/"bicubic" (antialiased; bicubic
-    # at INPUT_FACTOR 4 is ThumbDet's bicubic-thumbnail baseline).  ThumbDet learns its own.
+    # MSAD teacher's LR branch): "nearest" (MSAD: every f-th pixel, as a decimated image),
+    # "area" (the mean of each f x f block, closest to what a sensor with f x larger pixels
+    # records), or "bilinear"/"bicubic" (antialiased; bicubic at INPUT_FACTOR 4 is ThumbDet's
+    # bicubic-thumbnail baseline).  ThumbDet learns its own.
     _C.MODEL.FCOS.INPUT_RESAMPLE = "nearest"
     # What the detector is given at test time: "full" (the full-resolution image; it makes its
     # 1/INPUT_FACTOR copy itself) or "low" (an image that is already 1/INPUT_FACTOR of the

@@ -89,3 +89,15 @@ def test_decimated_dataset_is_what_the_nearest_trained_model_makes_inside(tmp_pa
         [v / 2 for v in a["bbox"]] for a in source["annotations"]]
     again = subprocess.run(run, capture_output=True, text=True)
     assert again.returncode != 0 and f"--output {out} exists" in again.stderr
+
+
+def test_area_resampling_is_the_mean_of_each_block():
+    from msad.alignment import downsample
+
+    x = torch.rand(2, 3, 8, 12)
+    torch.testing.assert_close(downsample(x, 2, "area"), torch.nn.functional.avg_pool2d(x, 2))
+    torch.testing.assert_close(downsample(x, 4, "area"), torch.nn.functional.avg_pool2d(x, 4))
+    model = build_model(quickstart_cfg("lr_baseline", "MODEL.FCOS.INPUT_RESAMPLE", "area"))
+    images = model.preprocess_image(_inputs([(100, 120)], with_boxes=False))
+    torch.testing.assert_close(model.extract(images).inputs[0],
+                               torch.nn.functional.avg_pool2d(images.tensor, 2))
