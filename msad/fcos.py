@@ -77,7 +77,7 @@ class Features(NamedTuple):
     """What the backbone side of one forward produced."""
 
     inputs: List[torch.Tensor]  # each branch's backbone input (normalised, padded)
-    branches: List[List[torch.Tensor]]  # each branch's levels
+    branch_levels: List[List[torch.Tensor]]  # each branch's levels
     head_in: List[torch.Tensor]  # the levels the head reads
 
 

@@ -78,7 +78,7 @@ class MultiScaleTeacher(AlignedFCOS):
         """HR + LR + JOINT_WEIGHT x fused; the three share one grid, so targets are assigned once."""
         anchors = self.anchor_generator(features.head_in)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        (hr, lr), losses = features.branches, {}
+        (hr, lr), losses = features.branch_levels, {}
         for prefix, branch_predictions, weight in (("hr", self.head(hr), 1.0),
                                                    ("lr", self.head(lr), 1.0),
                                                    ("fused", predictions, self.joint_weight)):

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -171,8 +171,7 @@ class ThumbDet(DistilledDetector, AlignedFCOS):
     @classmethod
     def from_config(cls, cfg):
         spec = cfg.MODEL.THUMBDET
-        factor = input_branch(cfg).factor
-        check_factor(factor)
+        factor = input_branch(cfg).factor  # LearnedDownsampler checks it is 2 or 4
         if spec.MIMIC_MODE not in MIMIC_MODES:
             raise ValueError(f"MODEL.THUMBDET.MIMIC_MODE must be one of {MIMIC_MODES}, "
                              f"got {spec.MIMIC_MODE!r}")

@@ -248,7 +248,7 @@ def test_odd_sizes_keep_the_hr_lr_alignment_exact(cfg):
     images = teacher.preprocess_image(_inputs([(97, 131), (21, 250)], with_boxes=False))
     assert images.tensor.shape[-2:] == (128, 256)  # P7 of the full image: stride 128
     with torch.no_grad():
-        hr, lr = teacher.extract(images).branches
+        hr, lr = teacher.extract(images).branch_levels
     assert [f.shape[-2:] for f in hr] == [f.shape[-2:] for f in lr]
 
 
