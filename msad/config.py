@@ -1,9 +1,13 @@
-"""``add_msad_config``: every configuration key this project adds to Detectron2's.
+"""``add_msad_config``: every configuration key this project adds to Detectron2's; ``load_config``
+reads a config file with them.
 
 Defaults are the papers' values (MSAD, CVPR 2021; official code's configs) unless a comment
 says otherwise.
 """
+import os
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_msad_config(cfg):
@@ -128,3 +132,22 @@ def add_msad_config(cfg):
     _C.MODEL.THUMBDET.MIMIC_WEIGHT = 1.0
     _C.MODEL.THUMBDET.MIMIC_MODE = "aligned"  # or "resize", the official variant
     return cfg
+
+
+def load_config(config_file, opts=(), what="--config-file"):
+    """Detectron2's config plus ours, merged from `config_file` and `opts` overrides."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{what}: no such file {config_file}")
+    cfg = get_cfg()
+    add_msad_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def inference_sizes(cfg):
+    """(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST) for the images the detector is given: divided
+    by MODEL.FCOS.INPUT_FACTOR when they are already that much smaller (INPUT_SCALE low), so
+    that the same scene reaches the backbone with the same pixels."""
+    factor = cfg.MODEL.FCOS.INPUT_FACTOR if cfg.MODEL.FCOS.INPUT_SCALE == "low" else 1
+    return round(cfg.INPUT.MIN_SIZE_TEST / factor), cfg.INPUT.MAX_SIZE_TEST / factor

@@ -6,8 +6,7 @@ import tempfile
 import weakref
 
 import torch
-from detectron2.config import get_cfg
-from detectron2.data import (DatasetCatalog, build_detection_test_loader,
+from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import (AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase,
@@ -20,24 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import check_width
 from .checkpoint import SafeCheckpointer, load_state_dict_file
-from .config import add_msad_config
+from .config import load_config
 from .data import register_coco_from_config
 from .distill import DistilledDetector, freeze
 from .env import has_compiled_ops, summary
 from .input_checks import CheckedDatasetMapper, check_bad_image_policy, check_training_records
+from .predictor import write_model_info
 
 logger = logging.getLogger("msad")
-
-
-def load_config(config_file, opts=(), what="--config-file"):
-    """Detectron2's config plus ours, merged from `config_file` and `opts` overrides."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{what}: no such file {config_file}")
-    cfg = get_cfg()
-    add_msad_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def has_checkpoint(cfg):
@@ -87,6 +76,17 @@ class IterationSchedule(HookBase):
         value = self.schedule(self.trainer.iter)
         setattr(unwrap(self.trainer.model), self.attribute, value)
         self.trainer.storage.put_scalar(self.attribute, value, smoothing_hint=False)
+
+
+class ModelInfoWriter(HookBase):
+    """Writes what inference needs (class names, the config values the weights depend on) to
+    OUTPUT_DIR/model_info.json, beside the checkpoints, when training starts
+    (msad/predictor.py reads it)."""
+
+    def before_train(self):
+        if comm.is_main_process():
+            cfg = self.trainer.cfg
+            write_model_info(cfg, MetadataCatalog.get(cfg.DATASETS.TRAIN[0]))
 
 
 class Trainer(DefaultTrainer):
@@ -159,7 +159,7 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume)
 
     def build_hooks(self):
-        return super().build_hooks() + [LossNormalizerState()]
+        return super().build_hooks() + [LossNormalizerState(), ModelInfoWriter()]
 
     @classmethod
     def build_train_loader(cls, cfg):

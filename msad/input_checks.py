@@ -22,6 +22,8 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from .config import inference_sizes
+
 EXIF_ORIENTATION = 0x0112
 
 logger = logging.getLogger(__name__)
@@ -133,14 +135,10 @@ class CheckedDatasetMapper(DatasetMapper):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        factor = cfg.MODEL.FCOS.INPUT_FACTOR
-        if not is_train and cfg.MODEL.FCOS.INPUT_SCALE == "low" and factor > 1:
-            # Images already 1/factor of the training resolution: the same scene at the
-            # backbone needs the test resize divided by the factor too.
+        if not is_train:  # the test resize of the images the detector is given
             cfg = cfg.clone()
             cfg.defrost()
-            cfg.INPUT.MIN_SIZE_TEST = round(cfg.INPUT.MIN_SIZE_TEST / factor)
-            cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST / factor
+            cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = inference_sizes(cfg)
         kwargs = super().from_config(cfg, is_train)
         kwargs["bad_images"] = cfg.DATALOADER.BAD_IMAGES if is_train else "raise"
         return kwargs

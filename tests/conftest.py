@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 def quickstart_cfg(name="teacher", *opts):
     """The (unfrozen) config of configs/quickstart/<name>.yaml with `opts` overrides."""
-    from msad.engine import load_config
+    from msad.config import load_config
 
     return load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
 

@@ -7,7 +7,7 @@ import pytest
 from detectron2.modeling import build_model
 
 from conftest import REPO
-from msad.engine import load_config
+from msad.config import load_config
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 ZOO = [c for c in CONFIGS if os.path.basename(c).startswith("SLR") and "light" not in c]

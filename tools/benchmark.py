@@ -37,7 +37,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import msad  # noqa: E402,F401
-from msad.engine import load_config  # noqa: E402
+from msad.config import load_config  # noqa: E402
 
 
 def synchronize(device):

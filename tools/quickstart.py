@@ -50,7 +50,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
 from msad.checkpoint import SafeCheckpointer  # noqa: E402
-from msad.engine import load_config  # noqa: E402
+from msad.config import load_config  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
 from thumbnails import titled, write_comparisons  # noqa: E402

@@ -30,7 +30,7 @@ from detectron2.modeling import build_model  # noqa: E402
 import msad  # noqa: E402,F401
 from msad.alignment import downsample  # noqa: E402
 from msad.checkpoint import SafeCheckpointer  # noqa: E402
-from msad.engine import load_config  # noqa: E402
+from msad.config import load_config  # noqa: E402
 
 DISPLAY_SCALE = 2  # the source is shown at twice its size
 
