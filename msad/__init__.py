@@ -5,7 +5,8 @@ Importing this package registers its backbones, meta-architectures and bundled d
 from . import backbone, fcos, student, teacher, thumbdet  # noqa: F401  (registration by import)
 from .config import add_msad_config
 from .data import register_synthetic
+from .predictor import Predictor
 
 register_synthetic()
 
-__all__ = ["add_msad_config"]
+__all__ = ["add_msad_config", "Predictor"]

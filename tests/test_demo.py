@@ -150,7 +150,7 @@ def test_demo_draws_every_image_of_a_folder_and_lists_the_predictors_boxes(
         assert [r["category_name"] for r in got] == [CLASSES[c] for c in want.pred_classes.tolist()]
 
 
-def test_demo_writes_a_video_frame_for_every_frame(trained, val_images, tmp_path):
+def test_demo_writes_a_drawn_frame_for_every_frame_of_a_video(trained, val_images, tmp_path):
     video = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (160, 120))
     frame = cv2.resize(cv2.imread(str(sorted(val_images.iterdir())[0])), (160, 120))
@@ -158,12 +158,12 @@ def test_demo_writes_a_video_frame_for_every_frame(trained, val_images, tmp_path
         writer.write(np.roll(frame, 4 * i, axis=1))
     writer.release()
     assert run_demo(trained, "--video-input", video, "--output", tmp_path / "out",
-                    "--confidence-threshold", 0.05) is None
+                    "--confidence-threshold", 0.05, "--draw-scale", 2) is None
     written = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
-    frames = 0
-    while written.read()[0]:
-        frames += 1
-    assert frames == 10
+    frames = []
+    while (read := written.read())[0]:
+        frames.append(read[1])
+    assert len(frames) == 10 and frames[0].shape == (240, 320, 3)  # drawn twice as large
     results = json.loads((tmp_path / "out" / "clip.json").read_text())
     assert {r["frame"] for r in results} == set(range(10))
 
@@ -207,3 +207,9 @@ def test_demo_refuses_weights_of_another_model_and_exits_non_zero(trained, val_i
     assert "does not fit this model (another width or architecture?)" in proc.stderr
     assert str(trained / "model_final.pth") in proc.stderr
     assert not (val_images / "out").exists()
+
+
+@pytest.mark.skipif(os.path.exists("/dev/video0"), reason="this machine has a camera")
+def test_demo_says_when_there_is_no_camera(trained, tmp_path):
+    error = run_demo(trained, "--webcam", "--output", tmp_path / "webcam.mp4")
+    assert error and "--webcam: camera 0: OpenCV cannot open it as a video" in error

@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
@@ -71,6 +72,10 @@ def parse_args(argv=None):
     parser.add_argument("--input-scale", choices=INPUT_SCALES,
                         help="'low': the images are already 1/MODEL.FCOS.INPUT_FACTOR of the "
                         "training resolution (default: the config's MODEL.FCOS.INPUT_SCALE)")
+    parser.add_argument("--draw-scale", type=float, default=1.0,
+                        help="draw pictures and videos this many times the input's size (for "
+                        "small images, whose labels would cover them); boxes in the JSON stay in "
+                        "the input's pixels")
     parser.add_argument("--strict", action="store_true",
                         help="stop at a file that is not a readable image instead of skipping it")
     parser.add_argument("--max-frames", type=int, help="stop a video or webcam after this many")
@@ -175,6 +180,17 @@ def confident(instances, threshold):
     return instances[instances.scores >= threshold]
 
 
+def enlarged(image, instances, scale):
+    """The image and its detections `scale` times larger, for drawing (Detectron2's
+    VideoVisualizer has no scale of its own)."""
+    if scale == 1:
+        return image, instances
+    image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    boxes = Boxes(instances.pred_boxes.tensor * scale)
+    return image, Instances(image.shape[:2], pred_boxes=boxes, scores=instances.scores,
+                            pred_classes=instances.pred_classes)
+
+
 def coco_results(instances, metadata, **where):
     """COCO-results entries of `instances`: box [x, y, w, h] in the input's pixels; category_id
     is the dataset's id when the model knows it, else the class index."""
@@ -228,7 +244,8 @@ def run_images(args, predictor, files, pictures, json_path):
             continue
         instances = confident(timer(image), args.confidence_threshold)
         results += coco_results(instances, predictor.metadata, file_name=path, image_id=index + 1)
-        drawn = Visualizer(image[:, :, ::-1], predictor.metadata).draw_instance_predictions(
+        drawn = Visualizer(image[:, :, ::-1], predictor.metadata,
+                           scale=args.draw_scale).draw_instance_predictions(
             instances).get_image()[:, :, ::-1]
         if pictures:
             os.makedirs(os.path.dirname(os.path.abspath(pictures[index])), exist_ok=True)
@@ -273,12 +290,13 @@ def run_video(args, predictor, capture, name, candidates):
             instances = confident(timer(frame), args.confidence_threshold)
             results += coco_results(instances, predictor.metadata, file_name=name,
                                     frame=frame_index)
-            drawn = visualizer.draw_instance_predictions(frame[:, :, ::-1], instances)
+            drawn = visualizer.draw_instance_predictions(
+                *enlarged(frame[:, :, ::-1], instances, args.draw_scale))
             drawn = np.ascontiguousarray(drawn.get_image()[:, :, ::-1])
             if candidates:
                 if writer is None:  # the frame size is known now
                     writer, path, codec = video_writer(candidates, fps,
-                                                       (frame.shape[1], frame.shape[0]))
+                                                       (drawn.shape[1], drawn.shape[0]))
                     bar.write(f"Writing {path} (codec {codec}, {fps:g} frames/s)")
                 writer.write(drawn)
             else:
