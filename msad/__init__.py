@@ -3,10 +3,10 @@
 Importing this package registers its backbones, meta-architectures and bundled datasets.
 """
 from . import backbone, fcos, student, teacher, thumbdet  # noqa: F401  (registration by import)
-from .config import add_msad_config
+from .config import add_msad_config, load_config
 from .data import register_synthetic
 from .predictor import Predictor
 
 register_synthetic()
 
-__all__ = ["add_msad_config", "Predictor"]
+__all__ = ["add_msad_config", "load_config", "Predictor"]

@@ -4,9 +4,11 @@ Every file this project reads weights from (MODEL.WEIGHTS, a resumed checkpoint,
 the slimmable ImageNet checkpoint) goes through ``torch.load(weights_only=True)`` or, for
 Detectron2's ``.pkl`` model-zoo format, an unpickler that only rebuilds numpy arrays.
 """
+import errno
 import glob
 import os
 import pickle
+import shutil
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -30,6 +32,29 @@ def write_atomically(path, mode, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def is_out_of_space(error):
+    """True if `error`, or an error it was raised from, says the disk or quota is full (torch's
+    zip writer turns a short write into "unexpected pos")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and "unexpected pos" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nested dict / list (a checkpoint's payload)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _is_running(pid):
@@ -112,8 +137,19 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        write_atomically(path, "wb", lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        try:
+            write_atomically(path, "wb", lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
+        except (OSError, RuntimeError) as e:
+            if not is_out_of_space(e):
+                raise
+            kept = self.get_checkpoint_file() if self.has_checkpoint() else "none yet"
+            raise OSError(errno.ENOSPC, (
+                f"OUTPUT_DIR={self.save_dir} ran out of space while saving {basename}: a "
+                f"checkpoint of this run needs about {tensor_bytes(data) / 2**20:.0f} MiB, "
+                f"{shutil.disk_usage(self.save_dir).free / 2**20:.0f} MiB are free there. The "
+                f"last complete checkpoint is kept ({kept}): free some space and continue "
+                "with --resume")) from e
 
     def tag_last_checkpoint(self, last_filename_basename):
         write_atomically(os.path.join(self.save_dir, "last_checkpoint"), "w",

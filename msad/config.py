@@ -4,8 +4,10 @@ reads a config file with them.
 Defaults are the papers' values (MSAD, CVPR 2021; official code's configs) unless a comment
 says otherwise.
 """
+import functools
 import os
 
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -31,7 +33,8 @@ def add_msad_config(cfg):
     _C.MODEL.SLIMMABLE.WIDTH_LIST = [0.25, 0.5, 0.75, 1.0]
     # Path of a slimmable-network ImageNet checkpoint (s_resnet50_0.25_0.5_0.75_1.0.pt) to
     # initialise the ResNet from, sliced to WIDTH; "" = none.  MODEL.WEIGHTS, if set, is loaded
-    # afterwards by the checkpointer and wins.
+    # afterwards by the checkpointer and wins.  A relative path not found from the current
+    # directory is taken relative to the config file that names it, as _BASE_ is.
     _C.MODEL.SLIMMABLE.PRETRAINED = ""
 
     # Levels FPN adds above P5 from res5: 2 = P6, P7; 1 = P6 only, for detectors whose
@@ -102,10 +105,16 @@ def add_msad_config(cfg):
 
     # ---- The teacher of every distilled detector: MSAD student, ThumbDet (msad/distill.py) --
     _C.MODEL.TEACHER = CN()
-    # Config file and checkpoint of the frozen teacher (paths relative to the current directory,
-    # like MODEL.WEIGHTS).  Needed to train; never loaded by --eval-only.
-    _C.MODEL.TEACHER.CONFIG_FILE = ""
+    # Checkpoint of the frozen teacher, relative to the current directory like MODEL.WEIGHTS.
+    # Needed to train; never loaded by --eval-only.
     _C.MODEL.TEACHER.WEIGHTS = ""  # a checkpoint written by train_net_T.py
+    # The teacher's config.  The teacher is rebuilt as it was trained: from the config.yaml its
+    # training wrote beside WEIGHTS (Detectron2 writes it into OUTPUT_DIR), overrides included,
+    # which load_config puts here.  A config file named here is used only for weights without
+    # one beside them (converted checkpoints, benchmarks), or when given on the command line.
+    # A relative path not found from the current directory is taken relative to the config
+    # file that names it, as _BASE_ is.
+    _C.MODEL.TEACHER.CONFIG_FILE = ""
     # A fresh run (not --resume, not --eval-only) copies the teacher's backbone and head into
     # the student first, as the official MSAD recipe does; MODEL.WEIGHTS, if set, is loaded after.
     _C.MODEL.TEACHER.INIT_STUDENT = True
@@ -134,15 +143,64 @@ def add_msad_config(cfg):
     return cfg
 
 
+# Paths in config files that, when not found from the current directory, are relative to the
+# file that names them (as _BASE_ is), so that configs work from a Detectron2 checkout's root
+# with this project in projects/.  MODEL.WEIGHTS, MODEL.TEACHER.WEIGHTS and OUTPUT_DIR stay
+# relative to the current directory, as Detectron2's are.
+CONFIG_RELATIVE_PATHS = ("MODEL.TEACHER.CONFIG_FILE", "MODEL.SLIMMABLE.PRETRAINED")
+# What Detectron2's default_setup writes into OUTPUT_DIR: the full config of a run.
+TRAINING_CONFIG = "config.yaml"
+
+
 def load_config(config_file, opts=(), what="--config-file"):
-    """Detectron2's config plus ours, merged from `config_file` and `opts` overrides."""
+    """Detectron2's config plus ours, merged from `config_file` and `opts` overrides; paths
+    resolved (CONFIG_RELATIVE_PATHS; the teacher's training config, see MODEL.TEACHER)."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{what}: no such file {config_file}")
     cfg = get_cfg()
     add_msad_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    overridden = set(list(opts)[0::2])
+    for key in CONFIG_RELATIVE_PATHS:
+        if key not in overridden:
+            _resolve_relative_to_config(cfg, key, config_file)
+    teacher = cfg.MODEL.TEACHER
+    trained = os.path.join(os.path.dirname(teacher.WEIGHTS), TRAINING_CONFIG)
+    if "MODEL.TEACHER.CONFIG_FILE" not in overridden and teacher.WEIGHTS and os.path.isfile(trained):
+        teacher.CONFIG_FILE = trained
     return cfg
+
+
+def _file_setting(config_file, key):
+    """The file of `config_file`'s _BASE_ chain whose own text sets `key` (the most derived one),
+    or None."""
+    with open(config_file) as f:
+        data = yaml.safe_load(f) or {}
+    node = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is not None:
+        return config_file
+    bases = data.get("_BASE_") or []
+    for base in reversed(bases if isinstance(bases, list) else [bases]):  # later bases win
+        base = os.path.expanduser(base)
+        found = _file_setting(base if os.path.isabs(base) else
+                              os.path.join(os.path.dirname(config_file), base), key)
+        if found:
+            return found
+    return None
+
+
+def _resolve_relative_to_config(cfg, key, config_file):
+    *parents, name = key.split(".")
+    node = functools.reduce(getattr, parents, cfg)
+    path = getattr(node, name)
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return
+    setter = _file_setting(config_file, key)
+    if setter:  # (if it is missing there too, errors name it where the config file means it)
+        setattr(node, name, os.path.normpath(os.path.join(os.path.dirname(setter), path)))
 
 
 def inference_sizes(cfg):

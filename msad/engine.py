@@ -11,6 +11,7 @@ from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_te
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import (AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase,
                                create_ddp_model, default_setup)
+from detectron2.engine.hooks import BestCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils import comm
@@ -19,12 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import check_width
 from .checkpoint import SafeCheckpointer, load_state_dict_file
-from .config import load_config
+from .config import TRAINING_CONFIG, load_config
 from .data import register_coco_from_config
 from .distill import DistilledDetector, freeze
 from .env import has_compiled_ops, summary
 from .input_checks import CheckedDatasetMapper, check_bad_image_policy, check_training_records
-from .predictor import write_model_info
+from .predictor import check_model_info, read_model_info, write_model_info
 
 logger = logging.getLogger("msad")
 
@@ -76,6 +77,20 @@ class IterationSchedule(HookBase):
         value = self.schedule(self.trainer.iter)
         setattr(unwrap(self.trainer.model), self.attribute, value)
         self.trainer.storage.put_scalar(self.attribute, value, smoothing_hint=False)
+
+
+class BestCheckpoint(BestCheckpointer):
+    """Detectron2's ``BestCheckpointer`` (``model_best.pth``, by box AP, after each evaluation),
+    whose best score so far is kept in the trainer's checkpoints, so that a resumed run does
+    not replace the best model with a worse one."""
+
+    def state_dict(self):
+        return {} if self.best_metric is None else {"best_metric": self.best_metric,
+                                                    "best_iter": self.best_iter}
+
+    def load_state_dict(self, state):
+        if "best_metric" in state:
+            self.best_metric, self.best_iter = state["best_metric"], state["best_iter"]
 
 
 class ModelInfoWriter(HookBase):
@@ -152,6 +167,13 @@ class Trainer(DefaultTrainer):
             raise FileNotFoundError(f"MODEL.WEIGHTS: no such file {weights}")
         check_bad_image_policy(cfg.DATALOADER.BAD_IMAGES)
 
+    @classmethod
+    def check_data(cls, cfg, args):
+        """Refuse data the model cannot learn or evaluate, before anything is written: more
+        categories than MODEL.FCOS.NUM_CLASSES."""
+        for dataset in cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN:
+            check_num_classes(cfg, dataset)
+
     def resume_or_load(self, resume=True):
         if resume and not self.checkpointer.has_checkpoint():
             logger.info("--resume: no checkpoint in OUTPUT_DIR=%s yet, so this is a fresh run",
@@ -159,7 +181,13 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume)
 
     def build_hooks(self):
-        return super().build_hooks() + [LossNormalizerState(), ModelInfoWriter()]
+        hooks = super().build_hooks() + [LossNormalizerState(), ModelInfoWriter()]
+        if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:  # after the EvalHook
+            # EvalHook names the metrics of several datasets <dataset>/bbox/AP: the first decides.
+            metric = "bbox/AP" if len(self.cfg.DATASETS.TEST) == 1 else \
+                f"{self.cfg.DATASETS.TEST[0]}/bbox/AP"
+            hooks.append(BestCheckpoint(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric))
+        return hooks
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -196,9 +224,27 @@ class DistillationTrainer(Trainer):
         super().__init__(cfg)
         student = unwrap(self.model)
         self.teacher = None
-        if cfg.MODEL.TEACHER.CONFIG_FILE or student.teacher_required:
+        if self.builds_teacher(cfg):
             self.teacher = build_frozen_teacher(cfg)
             student.attach_teacher(self.teacher)
+
+    @classmethod
+    def check_config(cls, cfg, args):
+        super().check_config(cfg, args)
+        if not args.eval_only and cls.builds_teacher(cfg):
+            teacher_config(cfg)  # its files and classes, before anything is written
+
+    @classmethod
+    def check_data(cls, cfg, args):
+        super().check_data(cfg, args)
+        if not args.eval_only and cls.builds_teacher(cfg):
+            check_teacher_classes(read_model_info(cfg.MODEL.TEACHER.WEIGHTS)[1], cfg)
+
+    @staticmethod
+    def builds_teacher(cfg):
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        return bool(cfg.MODEL.TEACHER.WEIGHTS or cfg.MODEL.TEACHER.CONFIG_FILE
+                    or arch.teacher_required)
 
     def build_hooks(self):
         schedules = unwrap(self.model).iteration_schedules()
@@ -213,16 +259,71 @@ class DistillationTrainer(Trainer):
         super().resume_or_load(resume)
 
 
+def dataset_classes(dataset):
+    """The category names of a registered dataset (loading it if its metadata does not have
+    them yet, as for COCO-format files)."""
+    metadata = MetadataCatalog.get(dataset)
+    if metadata.get("thing_classes") is None:
+        DatasetCatalog.get(dataset)  # load_coco_json sets them
+    return metadata.get("thing_classes")
+
+
+def check_num_classes(cfg, dataset):
+    names = dataset_classes(dataset)
+    if names is None:
+        return
+    num_classes = cfg.MODEL.FCOS.NUM_CLASSES
+    if len(names) > num_classes:
+        raise ValueError(
+            f"dataset {dataset} has {len(names)} categories {list(names)[:10]}, and "
+            f"MODEL.FCOS.NUM_CLASSES is {num_classes}: set it to {len(names)}")
+    if len(names) < num_classes:
+        logger.warning("dataset %s has %d categories and MODEL.FCOS.NUM_CLASSES is %d: the "
+                       "other %d classes are never trained", dataset, len(names), num_classes,
+                       num_classes - len(names))
+
+
+def teacher_config(cfg):
+    """The config of the teacher MODEL.TEACHER names, checked against the weights' own
+    model_info.json and against the student: the same classes."""
+    spec = cfg.MODEL.TEACHER
+    if not spec.WEIGHTS:
+        raise ValueError("MODEL.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
+    if not os.path.isfile(spec.WEIGHTS):
+        raise FileNotFoundError(f"MODEL.TEACHER.WEIGHTS: no such file {spec.WEIGHTS}")
+    if not spec.CONFIG_FILE:
+        raise ValueError(
+            f"MODEL.TEACHER.WEIGHTS={spec.WEIGHTS} has no {TRAINING_CONFIG} beside it (the config "
+            "its training wrote) and MODEL.TEACHER.CONFIG_FILE is empty: name the teacher's config")
+    teacher_cfg = load_config(spec.CONFIG_FILE, what="MODEL.TEACHER.CONFIG_FILE")
+    info_path, info = read_model_info(spec.WEIGHTS)
+    if info is not None:
+        check_model_info(teacher_cfg, info, info_path)
+    teacher_classes, classes = teacher_cfg.MODEL.FCOS.NUM_CLASSES, cfg.MODEL.FCOS.NUM_CLASSES
+    if teacher_classes != classes:
+        raise ValueError(
+            f"the teacher ({spec.CONFIG_FILE}) detects {teacher_classes} classes and the student "
+            f"{classes} (MODEL.FCOS.NUM_CLASSES): a teacher must be trained on the student's "
+            "classes")
+    return teacher_cfg
+
+
+def check_teacher_classes(info, cfg):
+    """The teacher's class names (from its model_info.json) are the student's training data's."""
+    dataset = cfg.DATASETS.TRAIN[0]
+    theirs, ours = info and info["thing_classes"], MetadataCatalog.get(dataset).get("thing_classes")
+    if theirs and ours and list(theirs) != list(ours):
+        raise ValueError(
+            f"the teacher (MODEL.TEACHER.WEIGHTS={cfg.MODEL.TEACHER.WEIGHTS}) was trained on the "
+            f"classes {list(theirs)}, the student's DATASETS.TRAIN {dataset} has {list(ours)}")
+
+
 def build_frozen_teacher(cfg):
     """The teacher named by MODEL.TEACHER, with its weights, in eval mode, no gradients."""
     spec = cfg.MODEL.TEACHER
-    if not spec.CONFIG_FILE:
-        raise ValueError("MODEL.TEACHER.CONFIG_FILE is empty: name the teacher's config")
-    teacher_cfg = load_config(spec.CONFIG_FILE, what="MODEL.TEACHER.CONFIG_FILE")
+    teacher_cfg = teacher_config(cfg)
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     teacher_cfg.MODEL.SLIMMABLE.PRETRAINED = ""  # its trained weights follow
-    if not spec.WEIGHTS:
-        raise ValueError("MODEL.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
     teacher = build_model(teacher_cfg)
     state = load_state_dict_file(spec.WEIGHTS, "MODEL.TEACHER.WEIGHTS")
     expected = teacher.state_dict()
@@ -236,7 +337,8 @@ def build_frozen_teacher(cfg):
             f"{missing[:3]}, {len(mismatched)} of another shape {mismatched[:3]}")
     teacher.load_state_dict({k: state[k] for k in expected})
     freeze(teacher)
-    logger.info("Frozen teacher %s from %s", type(teacher).__name__, spec.WEIGHTS)
+    logger.info("Frozen teacher %s from %s, built from %s", type(teacher).__name__, spec.WEIGHTS,
+                spec.CONFIG_FILE)
     return teacher
 
 
@@ -246,6 +348,7 @@ def setup(args, trainer_cls=Trainer):
     cfg.freeze()
     trainer_cls.check_config(cfg, args)
     register_coco_from_config(cfg)  # checks the files
+    trainer_cls.check_data(cfg, args)
     check_writable(cfg.OUTPUT_DIR, "OUTPUT_DIR")  # last: it creates OUTPUT_DIR
     default_setup(cfg, args)
     # This package's messages (data checks, teacher loading) go where Detectron2's go.

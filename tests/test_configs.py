@@ -37,9 +37,11 @@ def test_zoo_uses_the_official_schedule_and_width(path):
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(640, 801, 32))
     assert cfg.INPUT.MAX_SIZE_TRAIN == 1333 and cfg.INPUT.MIN_SIZE_TEST == 800
     assert cfg.MODEL.FCOS.NUM_CLASSES == 80 and cfg.MODEL.MSAD.JOINT_WEIGHT == 0.4
+    assert cfg.MODEL.SLIMMABLE.PRETRAINED == os.path.join(
+        REPO, "pretrained", "s_resnet50_0.25_0.5_0.75_1.0.pt")  # README: put it in pretrained/
     if path.endswith("-S.yaml"):
         teacher = path.replace("-S.yaml", "-T.yaml")
-        assert cfg.MODEL.TEACHER.CONFIG_FILE == os.path.relpath(teacher, REPO)
+        assert cfg.MODEL.TEACHER.CONFIG_FILE == teacher  # named relative to the config file
         assert cfg.MODEL.TEACHER.WEIGHTS == os.path.join(
             load_config(teacher).OUTPUT_DIR, "model_final.pth")
         assert (cfg.MODEL.MSAD.KD_ALPHA, cfg.MODEL.MSAD.KD_TEMPERATURE,

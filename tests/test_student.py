@@ -153,9 +153,9 @@ def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
 
 
 def test_light_student_distills_the_four_levels_it_shares(teacher_files, tmp_path):
-    cfg = student_cfg(teacher_files, tmp_path)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "quickstart", "student_light.yaml"))
-    cfg.MODEL.TEACHER.WEIGHTS = teacher_files[1]
+    config, weights = teacher_files
+    cfg = quickstart_cfg("student_light", "MODEL.TEACHER.CONFIG_FILE", config,
+                         "MODEL.TEACHER.WEIGHTS", weights)
     student = student_with_teacher(cfg).train()
     assert student.branches == [Branch(2, ("p3", "p4", "p5", "p6", "p7"))]  # of the 0.5x image
     assert student.full_resolution_levels == ["p4", "p5", "p6", "p7", "p8"]

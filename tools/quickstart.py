@@ -16,6 +16,16 @@ latency); the pictures, GMACs and timings use the first seed's models.
 
     python tools/quickstart.py [--output DIR] [--seed S] [--seeds N] [--reuse-trained]
         [CONFIG OVERRIDES for every model]
+
+On your own data, the same pipeline and outputs: --train and --val each take LABELS IMAGES, where
+LABELS is a COCO-format JSON or a folder of Pascal VOC .xml or YOLO .txt labels (converted into
+--output/data/; YOLO needs --classes or --classes-file).  The number of classes comes from the
+data; images whose longer side is at most 1333 are used at their own size, larger ones are
+resized as COCO is (shorter side 800).  --width, --iters (the schedule scaled alike),
+--thumbnail-factor 2|4 and --no-thumbnails set the rest:
+
+    python tools/quickstart.py --train labels/train images/train --val labels/val images/val \
+        --classes-file data.yaml --iters 3000 --output output/mine
 """
 import argparse
 import json
@@ -27,8 +37,8 @@ import signal
 import subprocess
 import sys
 import time
-
 import warnings
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -44,33 +54,63 @@ sys.path.insert(0, REPO)
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+from detectron2.data.transforms import ResizeShortestEdge  # noqa: E402
 from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
-from msad.checkpoint import SafeCheckpointer  # noqa: E402
 from msad.config import load_config  # noqa: E402
+from msad.convert import to_coco_file  # noqa: E402
+from msad.data import register_coco_from_config  # noqa: E402
+from msad.predictor import Predictor  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
 from thumbnails import titled, write_comparisons  # noqa: E402
 
-# (name, shown as, training script, config, {config key: stage whose model_final.pth it takes});
-# a stage comes after the stages it takes weights from.
+
+class Stage(NamedTuple):
+    name: str
+    label: str  # as shown in the table
+    script: str
+    config: str
+    sources: dict  # {config key: stage whose model_final.pth it takes}; those come first
+    opts: tuple = ()  # the stage's own overrides
+
+
 STAGES = (
-    ("hr_baseline", "HR FCOS", "train_net_T.py", "configs/quickstart/hr_baseline.yaml", {}),
-    ("teacher", "MSAD teacher", "train_net_T.py", "configs/quickstart/teacher.yaml", {}),
-    ("lr_baseline", "LR FCOS, no distillation", "train_net_T.py",
-     "configs/quickstart/lr_baseline.yaml", {}),
-    ("lr_teacher_init", "LR FCOS, teacher init, no distillation", "train_net_S.py",
-     "configs/quickstart/lr_teacher_init.yaml", {"MODEL.TEACHER.WEIGHTS": "teacher"}),
-    ("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml",
-     {"MODEL.TEACHER.WEIGHTS": "teacher"}),
-    ("bicubic_4x", "bicubic 4x thumbnail FCOS", "train_net_T.py",
-     "configs/quickstart/bicubic_4x.yaml", {"MODEL.WEIGHTS": "hr_baseline"}),
-    ("thumbdet_4x", "ThumbDet 4x (learned)", "train_net_S.py",
-     "configs/quickstart/thumbdet_4x.yaml", {"MODEL.TEACHER.WEIGHTS": "hr_baseline"}),
+    Stage("hr_baseline", "HR FCOS", "train_net_T.py", "configs/quickstart/hr_baseline.yaml", {}),
+    Stage("teacher", "MSAD teacher", "train_net_T.py", "configs/quickstart/teacher.yaml", {}),
+    Stage("lr_baseline", "LR FCOS, no distillation", "train_net_T.py",
+          "configs/quickstart/lr_baseline.yaml", {}),
+    Stage("lr_teacher_init", "LR FCOS, teacher init, no distillation", "train_net_S.py",
+          "configs/quickstart/lr_teacher_init.yaml", {"MODEL.TEACHER.WEIGHTS": "teacher"}),
+    Stage("student", "MSAD student", "train_net_S.py", "configs/quickstart/student.yaml",
+          {"MODEL.TEACHER.WEIGHTS": "teacher"}),
+    Stage("bicubic_4x", "bicubic 4x thumbnail FCOS", "train_net_T.py",
+          "configs/quickstart/bicubic_4x.yaml", {"MODEL.WEIGHTS": "hr_baseline"}),
+    Stage("thumbdet_4x", "ThumbDet 4x (learned)", "train_net_S.py",
+          "configs/quickstart/thumbdet_4x.yaml", {"MODEL.TEACHER.WEIGHTS": "hr_baseline"}),
 )
+THUMBNAIL_STAGES = ("bicubic_4x", "thumbdet_4x")
+
+
+def pipeline(thumbnail_factor=4, thumbnails=True):
+    """The stages to run: all of STAGES, the thumbnail detectors at `thumbnail_factor` (or
+    none)."""
+    stages = []
+    for stage in STAGES:
+        if stage.name not in THUMBNAIL_STAGES:
+            stages.append(stage)
+        elif thumbnails and thumbnail_factor == 4:
+            stages.append(stage)
+        elif thumbnails:
+            stages.append(stage._replace(
+                name=stage.name.replace("4x", f"{thumbnail_factor}x"),
+                label=stage.label.replace("4x", f"{thumbnail_factor}x"),
+                opts=("MODEL.FCOS.INPUT_FACTOR", str(thumbnail_factor))))
+    return stages
+
+
 MACS_SIZE = (256, 256)  # every bundled image pads to one 256x256 tile
 METRICS = ("AP", "APs", "APm", "APl")
 ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
@@ -85,23 +125,24 @@ def seed_dir(output, seed):
     return os.path.join(output, f"seed{seed}")
 
 
-def stage_opts(name, output, seed, overrides):
+def stage_opts(stage, output, seed, overrides):
     """Overrides of one stage of one seed: its own output directory, seed and weights."""
     run_dir = seed_dir(output, seed)
-    opts = ["OUTPUT_DIR", os.path.join(run_dir, name), "SEED", str(seed)] + overrides
-    for key, source in next(stage[4] for stage in STAGES if stage[0] == name).items():
+    opts = ["OUTPUT_DIR", os.path.join(run_dir, stage.name), "SEED", str(seed), *stage.opts,
+            *overrides]
+    for key, source in stage.sources.items():
         opts += [key, os.path.join(run_dir, source, "model_final.pth")]
     return opts
 
 
-def stages_to_train(output, seed, reuse_trained):
+def stages_to_train(stages, output, seed, reuse_trained):
     """Names of the stages one seed must train: all of them, or under --reuse-trained those
     without a model_final.pth and those that take weights from a stage trained again."""
     names = set()
-    for name, _, _, _, sources in STAGES:
-        final = os.path.join(seed_dir(output, seed), name, "model_final.pth")
-        if not (reuse_trained and os.path.isfile(final)) or names & set(sources.values()):
-            names.add(name)
+    for stage in stages:
+        final = os.path.join(seed_dir(output, seed), stage.name, "model_final.pth")
+        if not (reuse_trained and os.path.isfile(final)) or names & set(stage.sources.values()):
+            names.add(stage.name)
     return names
 
 
@@ -137,19 +178,6 @@ def final_metrics(output_dir):
     return {k: None if found[k] != found[k] else found[k] for k in METRICS}
 
 
-def load_model(config, opts, weights):
-    cfg = load_config(os.path.join(REPO, config), opts)
-    model = build_model(cfg).eval()
-    SafeCheckpointer(model, source="quickstart: trained model").load(weights)
-    return cfg, model
-
-
-def model_input(cfg, dataset_dict):
-    image = read_image(dataset_dict["file_name"], format=cfg.INPUT.FORMAT)
-    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
-    return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
-
-
 def time_inference(model, samples):
     """Median milliseconds per image, batch 1, after two warm-up images."""
     times = []
@@ -162,9 +190,9 @@ def time_inference(model, samples):
     return statistics.median(times)
 
 
-def panel(image_rgb, metadata, title, instances=None, boxes=None, labels=None):
+def panel(image_rgb, metadata, title, scale, instances=None, boxes=None, labels=None):
     """One titled picture of the image with either predictions or ground-truth boxes."""
-    canvas = Visualizer(image_rgb, metadata, scale=2.0)
+    canvas = Visualizer(image_rgb, metadata, scale=scale)
     if instances is not None:
         canvas = canvas.draw_instance_predictions(instances)
     else:
@@ -223,6 +251,61 @@ def format_table(rows, seeds):
     return "\n".join(lines)
 
 
+def own_data_overrides(args, output):
+    """Config overrides that train and evaluate every stage on --train / --val (COCO JSON, VOC
+    or YOLO, converted into `output`/data/), with the number of classes from the data and the
+    test size chosen from the val images."""
+    files = {}
+    for split, (labels, images) in (("train", args.train), ("val", args.val)):
+        files[split] = (to_coco_file(labels, images, os.path.join(output, "data", f"{split}.json"),
+                                     args.classes or args.classes_file), images)
+    with open(files["train"][0]) as f:
+        train = json.load(f)
+    with open(files["val"][0]) as f:
+        val = json.load(f)
+    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
+    val_names = [c["name"] for c in sorted(val["categories"], key=lambda c: c["id"])]
+    if names != val_names:
+        raise SystemExit(f"quickstart: --train has the classes {names}, --val {val_names}")
+    longest = max(max(i["width"], i["height"]) for i in val["images"])
+    # Images that fit in Detectron2's default test size are used as they are, like the bundled
+    # ones; larger ones are resized as COCO is (shorter side 800, longer at most 1333).
+    sizes = ["INPUT.MIN_SIZE_TRAIN", "(0,)", "INPUT.MIN_SIZE_TEST", "0"] if longest <= 1333 else \
+        ["INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MIN_SIZE_TEST", "800",
+         "INPUT.MAX_SIZE_TRAIN", "1333", "INPUT.MAX_SIZE_TEST", "1333"]
+    entries = [[f"own_{split}", json_file, images] for split, (json_file, images) in files.items()]
+    print(f"Data: {len(train['images'])} train and {len(val['images'])} val images, "
+          f"{len(names)} classes {names[:10]}{' ...' if len(names) > 10 else ''}; "
+          f"{'native size' if longest <= 1333 else 'shorter side 800, longer at most 1333'} "
+          f"(largest val image side {longest})", flush=True)
+    return ["DATASETS.COCO_INSTANCES", repr(entries), "DATASETS.TRAIN", "('own_train',)",
+            "DATASETS.TEST", "('own_val',)", "MODEL.FCOS.NUM_CLASSES", str(len(names)), *sizes]
+
+
+def schedule_overrides(iters):
+    """The quickstart's 600-iteration schedule scaled to `iters`: LR step, warm-ups and
+    checkpoints at the same fractions."""
+    def at(fraction):
+        return str(max(1, round(iters * fraction)))
+
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({at(5 / 6)},)",
+            "SOLVER.WARMUP_ITERS", at(1 / 12), "SOLVER.CHECKPOINT_PERIOD", at(1 / 3),
+            "MODEL.MSAD.KD_WARMUP_ITERS", at(1 / 6), "MODEL.THUMBDET.WARMUP_ITERS", at(1 / 6)]
+
+
+def macs_size(cfg, val):
+    """The image size at which MACs are counted: the bundled data's one 256x256 tile, or the
+    median val image after the test resize."""
+    if cfg.DATASETS.TEST[0] == "msad_synth_val":
+        return MACS_SIZE
+    h = statistics.median_low(d["height"] for d in val)
+    w = statistics.median_low(d["width"] for d in val)
+    if cfg.INPUT.MIN_SIZE_TEST:
+        h, w = ResizeShortestEdge.get_output_shape(h, w, cfg.INPUT.MIN_SIZE_TEST,
+                                                   cfg.INPUT.MAX_SIZE_TEST)
+    return h, w
+
+
 def main():
     # SIGTERM (a scheduler, a timeout) unwinds like Ctrl-C, so the running stage is stopped too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -236,13 +319,34 @@ def main():
     parser.add_argument("--timing-images", type=int, default=22)
     parser.add_argument("--reuse-trained", action="store_true",
                         help="skip training a model whose model_final.pth is already in --output")
+    data = parser.add_argument_group(
+        "your own data (default: the bundled synthetic data)",
+        "LABELS is a COCO-format .json, a folder of Pascal VOC .xml files or a folder of YOLO "
+        ".txt files (see tools/convert_dataset.py)")
+    data.add_argument("--train", nargs=2, metavar=("LABELS", "IMAGES"))
+    data.add_argument("--val", nargs=2, metavar=("LABELS", "IMAGES"))
+    names = data.add_mutually_exclusive_group()
+    names.add_argument("--classes", nargs="+", help="class names in order (VOC, YOLO)")
+    names.add_argument("--classes-file", help="class names: one per line, or a YOLO data.yaml")
+    parser.add_argument("--width", type=float, help="ResNet width (default: the configs' 0.25)")
+    parser.add_argument("--iters", type=int,
+                        help="iterations per model (default: the configs' 600), with the LR step, "
+                        "warm-ups and checkpoints scaled alike")
+    parser.add_argument("--thumbnail-factor", type=int, choices=(2, 4), default=4,
+                        help="factor of the bicubic and ThumbDet thumbnails")
+    parser.add_argument("--no-thumbnails", action="store_true",
+                        help="leave out the bicubic and ThumbDet thumbnail detectors")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="config overrides for every stage, e.g. SOLVER.MAX_ITER 300")
+                        help="config overrides for every stage, e.g. SOLVER.IMS_PER_BATCH 8")
     args = parser.parse_args()
     if args.timing_images < 3:
         parser.error(f"--timing-images must be at least 3 (two are warm-up), got {args.timing_images}")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if bool(args.train) != bool(args.val):
+        parser.error("--train and --val go together")
+    if args.iters is not None and args.iters < 1:
+        parser.error(f"--iters must be at least 1, got {args.iters}")
     if args.overrides[:1] == ["--"]:
         args.overrides = args.overrides[1:]
     misplaced = [a for a in args.overrides if a.startswith("--")]
@@ -253,22 +357,30 @@ def main():
     for key, flag in (("SEED", "--seed"), ("OUTPUT_DIR", "--output")):
         if key in args.overrides[::2]:
             parser.error(f"set {key} with {flag}: the tool gives each stage its own")
+    args.output = os.path.abspath(args.output)  # the training scripts run from the repository
+    os.makedirs(args.output, exist_ok=True)
+    overrides = ((own_data_overrides(args, args.output) if args.train else [])
+                 + (schedule_overrides(args.iters) if args.iters else [])
+                 + (["MODEL.SLIMMABLE.WIDTH", str(args.width)] if args.width else [])
+                 + args.overrides)
+    stages = pipeline(args.thumbnail_factor, not args.no_thumbnails)
+    first_cfg = load_config(os.path.join(REPO, stages[0].config), overrides)
+    register_coco_from_config(first_cfg)
     if args.seed is None:
-        args.seed = load_config(os.path.join(REPO, STAGES[0][3]), args.overrides).SEED
+        args.seed = first_cfg.SEED
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more (Detectron2 draws a random seed for a negative "
                      f"one, which no rerun repeats), got {args.seed}")
     seeds = list(range(args.seed, args.seed + args.seeds))
-    args.output = os.path.abspath(args.output)  # the training scripts run from the repository
-    os.makedirs(args.output, exist_ok=True)
 
-    to_train = {seed: stages_to_train(args.output, seed, args.reuse_trained) for seed in seeds}
+    to_train = {seed: stages_to_train(stages, args.output, seed, args.reuse_trained)
+                for seed in seeds}
 
     def trained(name, seed):
         return name not in to_train[seed]
 
-    total_iters = sum(load_config(os.path.join(REPO, stage[3]), args.overrides).SOLVER.MAX_ITER
-                      for seed in seeds for stage in STAGES if not trained(stage[0], seed))
+    total_iters = sum(load_config(os.path.join(REPO, stage.config), overrides).SOLVER.MAX_ITER
+                      for seed in seeds for stage in stages if not trained(stage.name, seed))
     done = {"iters": 0, "seconds": 0.0}
     job_start = time.time()
 
@@ -281,70 +393,80 @@ def main():
               flush=True)
 
     for seed in seeds:
-        for index, (name, label, script, config, _) in enumerate(STAGES, 1):
-            tag = (f"seed {seed}, " if len(seeds) > 1 else "") + f"{index}/{len(STAGES)} {name}"
-            stage_dir = os.path.join(seed_dir(args.output, seed), name)
-            if trained(name, seed):
+        for index, stage in enumerate(stages, 1):
+            tag = (f"seed {seed}, " if len(seeds) > 1 else "") + \
+                f"{index}/{len(stages)} {stage.name}"
+            stage_dir = os.path.join(seed_dir(args.output, seed), stage.name)
+            if trained(stage.name, seed):
                 print(f"[{tag}] reusing {stage_dir}", flush=True)
                 continue
-            print(f"[{tag}] training {label} ({config}, SEED {seed})", flush=True)
+            print(f"[{tag}] training {stage.label} ({stage.config}, SEED {seed})", flush=True)
             # The stage's directory is this job's own output: a rerun replaces it.
             shutil.rmtree(stage_dir, ignore_errors=True)
             os.makedirs(seed_dir(args.output, seed), exist_ok=True)
-            seconds, iters = train(tag, script, config,
-                                   stage_opts(name, args.output, seed, args.overrides),
+            seconds, iters = train(tag, stage.script, stage.config,
+                                   stage_opts(stage, args.output, seed, overrides),
                                    stage_dir + ".log", progress)
             done["iters"] += iters
             done["seconds"] += seconds
     train_seconds = time.time() - job_start
 
     print("Timing inference and drawing detections ...", flush=True)
-    val = DatasetCatalog.get("msad_synth_val")
-    metadata = MetadataCatalog.get("msad_synth_val")
+    val_name = first_cfg.DATASETS.TEST[0]
+    val = DatasetCatalog.get(val_name)
+    metadata = MetadataCatalog.get(val_name)
     image_rgb = read_image(val[0]["file_name"], format="RGB")
-    gt = val[0]["annotations"]
-    panels = [panel(image_rgb, metadata, "ground truth",
+    gt = [a for a in val[0]["annotations"] if not a.get("iscrowd")]
+    scale = min(2.0, 512 / max(image_rgb.shape[:2]))  # panels of at most 512 pixels
+    panels = [panel(image_rgb, metadata, "ground truth", scale,
                     boxes=[BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in gt],
                     labels=[metadata.thing_classes[a["category_id"]] for a in gt])]
-    rows = []
-    for name, label, _, config, _ in STAGES:
-        per_seed = {str(s): final_metrics(os.path.join(seed_dir(args.output, s), name))
+    size = macs_size(first_cfg, val)
+    rows, models = [], {}
+    for stage in stages:
+        per_seed = {str(s): final_metrics(os.path.join(seed_dir(args.output, s), stage.name))
                     for s in seeds}
         # Cost and pictures do not depend on the seed: the first seed's model stands for all.
-        cfg, model = load_model(config, stage_opts(name, args.output, seeds[0], args.overrides),
-                                os.path.join(seed_dir(args.output, seeds[0]), name,
-                                             "model_final.pth"))
-        samples = [model_input(cfg, d) for d in val[: args.timing_images]]
-        macs, inputs = model_macs(model, MACS_SIZE)
-        rows.append({"model": label, "name": name, **summarise(per_seed), "per_seed": per_seed,
+        cfg = load_config(os.path.join(REPO, stage.config),
+                          stage_opts(stage, args.output, seeds[0], overrides))
+        predictor = Predictor(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+        models[stage.name] = predictor
+        samples = [predictor.model_input(read_image(d["file_name"], format="BGR"))
+                   for d in val[: args.timing_images]]
+        macs, inputs = model_macs(predictor.model, size)
+        rows.append({"model": stage.label, "name": stage.name, **summarise(per_seed),
+                     "per_seed": per_seed,
                      "backbone_input": " + ".join("x".join(map(str, i)) for i in inputs),
                      "gmacs": macs["total"] / 1e9,
-                     "ms_per_image": time_inference(model, samples)})
-        panels.append(panel(image_rgb, metadata, label,
-                            instances=top_detections(model, samples[0], keep=len(gt) + 3)))
+                     "ms_per_image": time_inference(predictor.model, samples)})
+        panels.append(panel(image_rgb, metadata, stage.label, scale,
+                            instances=top_detections(predictor.model, samples[0],
+                                                     keep=len(gt) + 3)))
 
     table = format_table(rows, seeds)
     print(table)
+    if size != MACS_SIZE:
+        print(f"(GMACs of one {size[0]}x{size[1]} image: the median val image after the test "
+              "resize)")
     with open(os.path.join(args.output, "summary.json"), "w") as f:
-        json.dump({"seeds": seeds, "rows": rows, "device": cfg.MODEL.DEVICE,
+        json.dump({"seeds": seeds, "rows": rows, "device": first_cfg.MODEL.DEVICE,
+                   "dataset": val_name, "macs_size": list(size),
                    "torch_threads": torch.get_num_threads(), "val_images": len(val),
                    "timing_images": min(args.timing_images, len(val)) - 2,
                    "train_seconds": round(train_seconds)}, f, indent=2)
-    picture = os.path.join(args.output, "detections.png")
-    cv2.imwrite(picture, cv2.cvtColor(grid(panels, columns=4), cv2.COLOR_RGB2BGR))
-    first = seed_dir(args.output, seeds[0])
-    thumbdet_cfg, thumbdet = load_model(
-        "configs/quickstart/thumbdet_4x.yaml",
-        stage_opts("thumbdet_4x", args.output, seeds[0], args.overrides),
-        os.path.join(first, "thumbdet_4x", "model_final.pth"))
-    thumbnails = [path for path, _ in write_comparisons(thumbdet, val[:2], args.output,
-                                                         thumbdet_cfg.INPUT.FORMAT)]
+    written = [os.path.join(args.output, "summary.json"), os.path.join(args.output, "detections.png")]
+    cv2.imwrite(written[-1], cv2.cvtColor(grid(panels, columns=4), cv2.COLOR_RGB2BGR))
+    thumbdet = next((s for s in stages if s.name.startswith("thumbdet")), None)
+    if thumbdet:
+        predictor = models[thumbdet.name]
+        written += [path for path, _ in write_comparisons(predictor.model, val[:2], args.output,
+                                                          predictor.cfg.INPUT.FORMAT)]
     seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {seeds}"
-    plots = plot(rows, os.path.join(args.output, "ap_vs_cost"),
-                 f"Quickstart models on msad_synth_val ({seeds_text}; CPU, "
-                 f"{torch.get_num_threads()} threads)")
-    print(f"Wrote {args.output}/summary.json, {picture}, {', '.join(thumbnails)} and "
-          f"{', '.join(plots)} in {fmt(time.time() - job_start)} (training {fmt(train_seconds)})")
+    written += plot(rows, os.path.join(args.output, "ap_vs_cost"),
+                    f"Quickstart models on {val_name} ({seeds_text}; CPU, "
+                    f"{torch.get_num_threads()} threads)")
+    print(f"Wrote {', '.join(written)} in {fmt(time.time() - job_start)} "
+          f"(training {fmt(train_seconds)})")
 
 
 if __name__ == "__main__":
