@@ -229,3 +229,15 @@ def test_one_command_from_yolo_folders_to_a_distilled_student(tmp_path):
     info = json.loads((out / "seed0" / "student" / "model_info.json").read_text())
     assert info["thing_classes"] == ["disk", "square", "triangle", "ring", "cross"]
     assert info["config"]["MODEL.FCOS.NUM_CLASSES"] == 5
+
+
+def test_the_one_command_names_labels_it_cannot_read(tmp_path):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "readme.md").write_text("no labels here")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "quickstart.py"), "--train",
+         tmp_path / "labels", tmp_path, "--val", tmp_path / "labels", tmp_path,
+         "--output", tmp_path / "out"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"quickstart: {tmp_path / 'labels'}: neither a COCO .json file nor a folder of VOC " \
+        ".xml or YOLO .txt labels" in proc.stderr

@@ -40,27 +40,27 @@ def test_each_quickstart_config_writes_where_the_quickstart_puts_its_seed():
 
     from conftest import quickstart_cfg
 
-    for name, *_ in STAGES:
-        cfg = quickstart_cfg(name)
+    for stage in STAGES:
+        cfg = quickstart_cfg(stage.name)
         alone = [cfg.OUTPUT_DIR, str(cfg.SEED)] + [
             cfg.MODEL.WEIGHTS if key == "MODEL.WEIGHTS" else cfg.MODEL.TEACHER.WEIGHTS
-            for key in next(stage[4] for stage in STAGES if stage[0] == name)]
-        opts = stage_opts(name, "output/quickstart", cfg.SEED, [])
-        assert alone == opts[1::2], name
+            for key in stage.sources]
+        opts = stage_opts(stage, "output/quickstart", cfg.SEED, [])
+        assert alone == opts[1::2], stage.name
 
 
 def test_reuse_trained_retrains_what_depends_on_a_retrained_stage(tmp_path):
     from quickstart import STAGES, stages_to_train
 
-    everything = {stage[0] for stage in STAGES}
-    assert stages_to_train(str(tmp_path), 0, reuse_trained=False) == everything
-    assert stages_to_train(str(tmp_path), 0, reuse_trained=True) == everything
+    everything = {stage.name for stage in STAGES}
+    assert stages_to_train(STAGES, str(tmp_path), 0, reuse_trained=False) == everything
+    assert stages_to_train(STAGES, str(tmp_path), 0, reuse_trained=True) == everything
     for name in everything - {"teacher"}:
         os.makedirs(tmp_path / "seed0" / name)
         (tmp_path / "seed0" / name / "model_final.pth").write_bytes(b"")
-    assert stages_to_train(str(tmp_path), 0, reuse_trained=True) == {
+    assert stages_to_train(STAGES, str(tmp_path), 0, reuse_trained=True) == {
         "teacher", "lr_teacher_init", "student"}  # the two that start from the teacher
-    assert stages_to_train(str(tmp_path), 1, reuse_trained=True) == everything
+    assert stages_to_train(STAGES, str(tmp_path), 1, reuse_trained=True) == everything
 
 
 def test_seed_and_output_are_set_by_the_tool_not_by_overrides(tmp_path):

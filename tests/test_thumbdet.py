@@ -255,13 +255,15 @@ def train_thumbdet(teacher_weights, out, seed, pushed_weights=None):
 
 def thumbnail_statistics(cfg, model, dataset_dicts):
     """Per image: (image channel means, thumbnail channel means, thumbnail channel stds)."""
-    from quickstart import model_input
+    from detectron2.data.detection_utils import read_image
 
     out = []
     model.eval()
     with torch.no_grad():
         for d in dataset_dicts:
-            images = model.preprocess_image([model_input(cfg, d)])
+            image = read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+            tensor = torch.as_tensor(image.transpose(2, 0, 1).copy(), dtype=torch.float32)
+            images = model.preprocess_image([{"image": tensor}])
             unit = model.unit_range(images.tensor)
             h, w = d["height"], d["width"]
             thumb = model.thumbnail(images)[0, :, :math.ceil(h / 4), :math.ceil(w / 4)].flatten(1)

@@ -255,25 +255,25 @@ def own_data_overrides(args, output):
     """Config overrides that train and evaluate every stage on --train / --val (COCO JSON, VOC
     or YOLO, converted into `output`/data/), with the number of classes from the data and the
     test size chosen from the val images."""
-    files = {}
-    for split, (labels, images) in (("train", args.train), ("val", args.val)):
-        files[split] = (to_coco_file(labels, images, os.path.join(output, "data", f"{split}.json"),
-                                     args.classes or args.classes_file), images)
-    with open(files["train"][0]) as f:
-        train = json.load(f)
-    with open(files["val"][0]) as f:
-        val = json.load(f)
-    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
-    val_names = [c["name"] for c in sorted(val["categories"], key=lambda c: c["id"])]
-    if names != val_names:
-        raise SystemExit(f"quickstart: --train has the classes {names}, --val {val_names}")
+    def converted(labels, images, split, names):
+        json_file = to_coco_file(labels, images, os.path.join(output, "data", f"{split}.json"),
+                                 names)
+        with open(json_file) as f:
+            coco = json.load(f)
+        return json_file, coco, [c["name"] for c in sorted(coco["categories"],
+                                                           key=lambda c: c["id"])]
+
+    train_json, train, names = converted(*args.train, "train", args.classes or args.classes_file)
+    val_json, val, val_names = converted(*args.val, "val", names)  # VOC, YOLO: train's names
+    if val_names != names:
+        raise ValueError(f"--train has the classes {names}, --val {val_names}")
     longest = max(max(i["width"], i["height"]) for i in val["images"])
     # Images that fit in Detectron2's default test size are used as they are, like the bundled
     # ones; larger ones are resized as COCO is (shorter side 800, longer at most 1333).
     sizes = ["INPUT.MIN_SIZE_TRAIN", "(0,)", "INPUT.MIN_SIZE_TEST", "0"] if longest <= 1333 else \
         ["INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MIN_SIZE_TEST", "800",
          "INPUT.MAX_SIZE_TRAIN", "1333", "INPUT.MAX_SIZE_TEST", "1333"]
-    entries = [[f"own_{split}", json_file, images] for split, (json_file, images) in files.items()]
+    entries = [["own_train", train_json, args.train[1]], ["own_val", val_json, args.val[1]]]
     print(f"Data: {len(train['images'])} train and {len(val['images'])} val images, "
           f"{len(names)} classes {names[:10]}{' ...' if len(names) > 10 else ''}; "
           f"{'native size' if longest <= 1333 else 'shorter side 800, longer at most 1333'} "
@@ -357,20 +357,23 @@ def main():
     for key, flag in (("SEED", "--seed"), ("OUTPUT_DIR", "--output")):
         if key in args.overrides[::2]:
             parser.error(f"set {key} with {flag}: the tool gives each stage its own")
-    args.output = os.path.abspath(args.output)  # the training scripts run from the repository
-    os.makedirs(args.output, exist_ok=True)
-    overrides = ((own_data_overrides(args, args.output) if args.train else [])
-                 + (schedule_overrides(args.iters) if args.iters else [])
-                 + (["MODEL.SLIMMABLE.WIDTH", str(args.width)] if args.width else [])
-                 + args.overrides)
     stages = pipeline(args.thumbnail_factor, not args.no_thumbnails)
-    first_cfg = load_config(os.path.join(REPO, stages[0].config), overrides)
-    register_coco_from_config(first_cfg)
     if args.seed is None:
-        args.seed = first_cfg.SEED
+        args.seed = load_config(os.path.join(REPO, stages[0].config), args.overrides).SEED
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more (Detectron2 draws a random seed for a negative "
                      f"one, which no rerun repeats), got {args.seed}")
+    args.output = os.path.abspath(args.output)  # the training scripts run from the repository
+    os.makedirs(args.output, exist_ok=True)
+    try:
+        overrides = ((own_data_overrides(args, args.output) if args.train else [])
+                     + (schedule_overrides(args.iters) if args.iters else [])
+                     + (["MODEL.SLIMMABLE.WIDTH", str(args.width)] if args.width else [])
+                     + args.overrides)
+        first_cfg = load_config(os.path.join(REPO, stages[0].config), overrides)
+        register_coco_from_config(first_cfg)
+    except (OSError, ValueError) as e:  # labels that cannot be read or converted, named
+        raise SystemExit(f"quickstart: {e}") from None
     seeds = list(range(args.seed, args.seed + args.seeds))
 
     to_train = {seed: stages_to_train(stages, args.output, seed, args.reuse_trained)
