@@ -137,7 +137,11 @@ def test_demo_draws_every_image_of_a_folder_and_lists_the_predictors_boxes(
     for name in names:
         image = cv2.imread(str(folder / name))
         drawn = cv2.imread(str(out / name))
-        assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+        # boxes and labels drawn: pixels changed far beyond what re-encoding the JPEG changes
+        changed = (np.abs(drawn.astype(int) - image).max(axis=2) > 40).mean()
+        ok, again = cv2.imencode(".jpg", image)
+        noise = (np.abs(cv2.imdecode(again, 1).astype(int) - image).max(axis=2) > 40).mean()
+        assert drawn.shape == image.shape and changed > 0.005 > noise, (changed, noise)
         want = p(image)
         want = want[want.scores >= 0.05]
         got = [r for r in results if r["file_name"] == str(folder / name)]

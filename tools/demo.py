@@ -43,9 +43,9 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from msad.alignment import INPUT_SCALES  # noqa: E402
 from msad.checkpoint import write_atomically  # noqa: E402
+from msad.convert import IMAGE_EXTENSIONS  # noqa: E402
 from msad.predictor import Predictor  # noqa: E402
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Codecs tried in turn for a video: (fourcc, file extension).  Headless OpenCV wheels have no
 # H.264 encoder; mp4v, else Motion JPEG, is what they can write.
 VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
