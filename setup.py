@@ -12,6 +12,7 @@ setup(
     description="Multi-scale aligned distillation and ThumbDet for low-resolution detection, "
     "as a Detectron2 plugin",
     packages=find_packages(include=["msad", "msad.*"]),
+    py_modules=["msad_runtime"],  # runs an exported model without torch: one file to copy
     python_requires=">=3.10",
-    install_requires=["fvcore", "pycocotools", "opencv-python-headless", "numpy"],
+    install_requires=["fvcore", "pycocotools", "opencv-python-headless", "numpy", "Pillow"],
 )

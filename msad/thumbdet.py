@@ -21,6 +21,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from .alignment import downsample
 from .distill import DistilledDetector
 from .fcos import AlignedFCOS, input_branch
 
@@ -73,12 +74,14 @@ class LearnedDownsampler(nn.Module):
     def forward(self, x, image_sizes=None):
         """Thumbnails of the NCHW batch `x` whose images fill `image_sizes` (default: all of x)."""
         correction = self.conv2(F.relu(self.conv1(x)))
-        # Sized like the correction, i.e. downsample(x, factor, "bicubic") for the padded batch.
-        resized = F.interpolate(x, size=correction.shape[-2:], mode="bicubic",
-                                align_corners=False, antialias=True)
-        mask = torch.zeros_like(correction[:, :1])
-        for i, (h, w) in enumerate(image_sizes or [x.shape[-2:]] * len(x)):
-            mask[i, :, :math.ceil(h / self.factor), :math.ceil(w / self.factor)] = 1.0
+        resized = downsample(x, self.factor, "bicubic", size=correction.shape[-2:])
+        # Each image's own thumbnail pixels, from sizes that stay tensors when traced (so an
+        # exported model computes them for the image it is given, not the one it was traced on).
+        rows = torch.arange(correction.shape[-2], device=x.device)
+        cols = torch.arange(correction.shape[-1], device=x.device)
+        mask = torch.stack([
+            ((rows[:, None] < -(-h // self.factor)) & (cols[None, :] < -(-w // self.factor)))
+            for h, w in (image_sizes or [x.shape[-2:]] * len(x))])[:, None].to(x.dtype)
         mean = ((correction * mask).sum(dim=(2, 3), keepdim=True)
                 / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0))
         return resized + (correction - mean) * mask

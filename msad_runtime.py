@@ -1,0 +1,184 @@
+"""Run a detector exported by msad's ``tools/export_model.py``, without PyTorch or Detectron2.
+
+One file, so that it can be copied onto the machine that runs the model, beside the folder the
+export wrote (``model.onnx`` or ``model.ts``, and ``model.json``).  It needs numpy, Pillow (the
+resize Detectron2 applies at test time, so that the model is given the pixels it was evaluated
+on) and a backend: onnxruntime or OpenVINO for ONNX files, torch only for TorchScript files.
+
+    from msad_runtime import Detector
+    detector = Detector("exported/student")       # the export's folder, or its model file
+    found = detector(cv2.imread("street.jpg"))    # a BGR uint8 image, as OpenCV reads it
+    for box, score, name in zip(found.boxes, found.scores, found.class_names):
+        ...                                       # box: x0, y0, x1, y1 in the image's pixels
+"""
+import hashlib
+import json
+import os
+from typing import List, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+METADATA = "model.json"
+FORMAT_VERSION = 1
+# Backends able to run each export format; the first is the default.
+BACKENDS = {"onnx": ("onnxruntime", "openvino"), "torchscript": ("torchscript",)}
+
+
+class ExportError(ValueError):
+    """An exported model that cannot be used as its metadata says."""
+
+
+class Detections(NamedTuple):
+    boxes: np.ndarray  # (N, 4) float32: x0, y0, x1, y1 in the given image's pixels
+    scores: np.ndarray  # (N,) float32, sorted from the highest
+    classes: np.ndarray  # (N,) int64 class indices
+    class_names: List[str]  # (N,)
+
+
+def file_sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(path):
+    """(model file, metadata) of an export: `path` is its folder, its model file or its
+    model.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    meta_path = os.path.join(folder, METADATA)
+    if not os.path.isfile(meta_path):
+        raise ExportError(f"{path}: no {METADATA} beside it; export the model with "
+                          "tools/export_model.py, which writes one")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        version, model_file = meta["msad_export"], meta["file"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{meta_path} is not the metadata of an msad export "
+                          f"({type(e).__name__}: {e})") from e
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{meta_path}: export format version {version}; this runtime reads "
+                          f"version {FORMAT_VERSION}")
+    model_path = os.path.join(folder, model_file)
+    if not os.path.isdir(path) and os.path.basename(path) not in (METADATA, model_file):
+        raise ExportError(f"{path}: {meta_path} describes {model_file}, not this file")
+    if not os.path.isfile(model_path):
+        raise ExportError(f"{meta_path} describes {model_path}, which does not exist")
+    return model_path, meta
+
+
+def resized_shape(height, width, short_edge, max_size):
+    """(height, width) after Detectron2's ResizeShortestEdge (short edge 0: unchanged)."""
+    if short_edge == 0:
+        return height, width
+    scale = short_edge / min(height, width)
+    new_h, new_w = (short_edge, scale * width) if height < width else (scale * height, short_edge)
+    if max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+class Detector:
+    """An exported msad detector: BGR uint8 images in, ``Detections`` in their pixels out.
+
+    Args:
+        path: the export's folder, its model file or its model.json.
+        backend: "onnxruntime" (default for ONNX), "openvino" or "torchscript".
+        device: onnxruntime providers (default: CUDA when onnxruntime has it, else CPU) or an
+            OpenVINO device name (default "CPU"); ignored by TorchScript (CPU).
+    """
+
+    def __init__(self, path, backend=None, device=None):
+        self.model_path, self.metadata = read_metadata(path)
+        meta = self.metadata
+        actual = file_sha256(self.model_path)
+        if actual != meta["sha256"]:
+            raise ExportError(
+                f"{self.model_path} is not the file its {METADATA} describes (sha256 {actual[:12]}"
+                f"..., expected {meta['sha256'][:12]}...): export the model again, or keep each "
+                "model file with its own metadata")
+        backends = BACKENDS[meta["format"]]
+        self.backend = backend or backends[0]
+        if self.backend not in backends:
+            raise ExportError(f"a {meta['format']} model runs with {list(backends)}, "
+                              f"not {self.backend!r}")
+        self.run = getattr(self, f"_load_{self.backend}")(device)
+        self.input = meta["input"]
+        self.class_names = meta["thing_classes"]
+
+    # ---- backends: each returns a function from the CHW float32 image to the output arrays --
+    def _load_onnxruntime(self, device):
+        import onnxruntime
+
+        providers = device or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                               if p in onnxruntime.get_available_providers()]
+        session = onnxruntime.InferenceSession(self.model_path, providers=providers)
+        names = [o.name for o in session.get_outputs()]
+        self._check_outputs(names)
+        input_name = session.get_inputs()[0].name
+        return lambda image: session.run(None, {input_name: image})
+
+    def _load_openvino(self, device):
+        import openvino
+
+        compiled = openvino.Core().compile_model(self.model_path, device or "CPU")
+        self._check_outputs([o.get_any_name() for o in compiled.outputs])
+        request = compiled.create_infer_request()
+
+        def run(image):
+            results = request.infer([image])
+            return [np.asarray(results[o]) for o in compiled.outputs]
+        return run
+
+    def _load_torchscript(self, device):
+        import torch
+
+        module = torch.jit.load(self.model_path, map_location="cpu").eval()
+
+        def run(image):
+            with torch.no_grad():
+                outputs = module(torch.from_numpy(image))
+            return [o.numpy() for o in outputs]
+        return run
+
+    def _check_outputs(self, names):
+        if names != self.metadata["outputs"]:
+            raise ExportError(f"{self.model_path} has outputs {names}, its {METADATA} says "
+                              f"{self.metadata['outputs']}")
+
+    # ---- the pipeline ------------------------------------------------------------------------
+    def preprocess(self, image):
+        """The model's input for a BGR uint8 (H, W, 3) image: in the training channel order,
+        resized as Detectron2's test resize does, CHW float32 (normalised inside the model)."""
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
+                and image.dtype == np.uint8):
+            raise ValueError("Detector takes BGR uint8 images of shape (H, W, 3), got "
+                             f"{type(image).__name__} {getattr(image, 'shape', '')} "
+                             f"{getattr(image, 'dtype', '')}")
+        if self.input["format"] == "RGB":
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        new_h, new_w = resized_shape(height, width, self.input["min_size_test"],
+                                     self.input["max_size_test"])
+        if (new_h, new_w) != (height, width):
+            image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+                (new_w, new_h), Image.BILINEAR))
+        return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+    def __call__(self, image) -> Detections:
+        if not self.metadata["postprocess"]:
+            raise ExportError(f"{self.model_path} was exported with --no-postprocess: its "
+                              "outputs are the raw per-level maps (Detector.run gives them)")
+        chw = self.preprocess(image)
+        outputs = dict(zip(self.metadata["outputs"], self.run(chw)))
+        boxes = outputs["boxes"].astype(np.float32).reshape(-1, 4)
+        # The model answers in the pixels of the image it was given: scale back to the caller's.
+        boxes *= np.array([image.shape[1] / chw.shape[2], image.shape[0] / chw.shape[1]] * 2,
+                          dtype=np.float32)
+        classes = outputs["classes"].astype(np.int64)
+        return Detections(boxes, outputs["scores"].astype(np.float32), classes,
+                          [self.class_names[c] for c in classes])
