@@ -125,8 +125,12 @@ class Detector:
     def _load_openvino(self, device):
         import openvino
 
-        compiled = openvino.Core().compile_model(self.model_path, device or "CPU")
-        self._check_outputs([o.get_any_name() for o in compiled.outputs])
+        # f32: OpenVINO would otherwise run in bf16 on CPUs that have it, off by ~1e-3.
+        compiled = openvino.Core().compile_model(self.model_path, device or "CPU",
+                                                 {"INFERENCE_PRECISION_HINT": "f32"})
+        # An OpenVINO output may carry several names: the ONNX one is among them.
+        self._check_outputs([next((n for n in self.metadata["outputs"] if n in o.get_names()),
+                                  o.get_any_name()) for o in compiled.outputs])
         request = compiled.create_infer_request()
 
         def run(image):
@@ -136,6 +140,7 @@ class Detector:
 
     def _load_torchscript(self, device):
         import torch
+        import torchvision  # noqa: F401  (registers the torchvision::nms the graph calls)
 
         module = torch.jit.load(self.model_path, map_location="cpu").eval()
 
@@ -182,3 +187,63 @@ class Detector:
         classes = outputs["classes"].astype(np.int64)
         return Detections(boxes, outputs["scores"].astype(np.float32), classes,
                           [self.class_names[c] for c in classes])
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MiB: VmHWM, which a new program starts afresh
+    (getrusage's maxrss keeps the parent's peak through fork and exec), where Linux has it."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None):
+    """python msad_runtime.py EXPORT IMAGE... [--backend B] [--benchmark RUNS]: print each
+    image's detections as JSON lines, or time the model on the first image (one JSON line:
+    latency of the model alone, median and p90 in ms, and this process's peak RSS in MiB)."""
+    import argparse
+    import statistics
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("export", help="the export's folder or model file")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--backend", help="onnxruntime, openvino or torchscript")
+    parser.add_argument("--benchmark", type=int, metavar="RUNS", help="time RUNS runs")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    try:
+        detector = Detector(args.export, args.backend)
+        images = []
+        for path in args.images:
+            image = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1]  # BGR, as OpenCV
+            images.append(np.ascontiguousarray(image))
+    except (ExportError, OSError) as e:
+        raise SystemExit(f"msad_runtime: {e}")
+    if args.benchmark:
+        chw = detector.preprocess(images[0])
+        times = []
+        for i in range(args.warmup + args.benchmark):
+            start = time.perf_counter()
+            detector.run(chw)
+            if i >= args.warmup:
+                times.append(1000 * (time.perf_counter() - start))
+        times.sort()
+        print(json.dumps({"backend": detector.backend, "input": list(chw.shape[1:]),
+                          "latency_ms_median": statistics.median(times),
+                          "latency_ms_p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+                          "peak_memory_mb": peak_rss_mb()}))
+        return
+    for path, image in zip(args.images, images):
+        found = detector(image)
+        print(json.dumps({"file": path, "detections": [
+            {"bbox": [round(float(v), 2) for v in box], "score": round(float(score), 4),
+             "class": name} for box, score, name in zip(*found[:2], found.class_names)]}))
+
+
+if __name__ == "__main__":
+    main()

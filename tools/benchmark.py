@@ -3,6 +3,8 @@
 
     python tools/benchmark.py --configs configs/MSAD/HR-FCOS-R50.yaml configs/MSAD/SLR100-50-T.yaml \\
         configs/MSAD/SLR100-50-S.yaml [--device cpu|cuda] [--size 800 1333] [--batch 4] [--train]
+    python tools/benchmark.py --configs configs/MSAD/SLR100-50-S.yaml configs/MSAD/SLR100-50-S.yaml:low \\
+        --runtimes eager torchscript onnxruntime openvino
 
 Every config is measured in one run, each in a fresh process (so that peak memory is its own),
 and reported with ratios to the first: on shared, noisy machines only ratios measured side by
@@ -14,15 +16,22 @@ teacher of their teacher's config, randomly initialised (its cost, not its accur
 --compile (inference only), --channels-last and --amp (CUDA) apply to every model and are
 reported.  Weights
 are random: speed does not depend on them.
+
+--runtimes adds the exported model (tools/export_model.py, with post-processing) run by
+TorchScript, onnxruntime or OpenVINO (those installed) beside eager PyTorch, on the CPU: each is
+timed on one image by ``msad_runtime.py --benchmark`` in a process of its own (onnxruntime and
+OpenVINO without torch, so their peak memory is theirs) and compared with eager on the same
+config and input.  A config followed by ":low" is given images already 1/MODEL.FCOS.INPUT_FACTOR
+of --size (its low-resolution input, MODEL.FCOS.INPUT_SCALE low).
 """
 import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -32,12 +41,33 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import msad  # noqa: E402,F401
+import msad_runtime  # noqa: E402
+from msad.checkpoint import SafeCheckpointer  # noqa: E402
 from msad.config import load_config  # noqa: E402
+from msad.export import export, predictor_for_export  # noqa: E402
+
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "openvino")
+EXPORT_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx", "openvino": "onnx"}
+RUNTIME_PACKAGES = {"torchscript": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def config_spec(spec):
+    """(config file, input scale) of a --configs entry: "file.yaml" or "file.yaml:low"."""
+    path, _, scale = spec.partition(":")
+    return path, scale or "full"
+
+
+def input_size(cfg, size, input_scale):
+    """The benchmark image's (H, W): --size, or its 1/INPUT_FACTOR for low-resolution input."""
+    f = cfg.MODEL.FCOS.INPUT_FACTOR if input_scale == "low" else 1
+    return tuple(math.ceil(s / f) for s in size)
 
 
 def synchronize(device):
@@ -74,8 +104,9 @@ def timed(fn, device, runs, warmup):
     return times
 
 
-def build(config, device, channels_last):
-    cfg = load_config(config, ["MODEL.DEVICE", device, "MODEL.SLIMMABLE.PRETRAINED", ""])
+def build(config, device, channels_last, input_scale="full"):
+    cfg = load_config(config, ["MODEL.DEVICE", device, "MODEL.SLIMMABLE.PRETRAINED", "",
+                               "MODEL.FCOS.INPUT_SCALE", input_scale])
     model = build_model(cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -85,7 +116,11 @@ def build(config, device, channels_last):
 def measure_one(args):
     """Measure args.one in this process; print one JSON line."""
     device = args.device
-    cfg, model = build(args.one, device, args.channels_last)
+    config, input_scale = config_spec(args.one)
+    cfg, model = build(config, device, args.channels_last, input_scale)
+    size = input_size(cfg, args.size, input_scale)
+    if args.runtime != "eager":
+        return export_one(args, cfg, model, config, input_scale, size)
     model.eval()
     run = model
     if args.compile:
@@ -93,12 +128,13 @@ def measure_one(args):
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=args.amp and device == "cuda")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    single, batch = inputs(1, args.size, device), inputs(args.batch, args.size, device)
+    single, batch = inputs(1, size, device), inputs(args.batch, size, device)
     with torch.no_grad(), autocast:
         latency = timed(lambda: run(single), device, args.runs, args.warmup)
         throughput = timed(lambda: run(batch), device, max(3, args.runs // 4), 1)
     result = {
-        "config": args.one, "model": cfg.MODEL.META_ARCHITECTURE,
+        "config": args.one, "model": cfg.MODEL.META_ARCHITECTURE, "runtime": "eager",
+        "input": list(size),
         "latency_ms_median": 1000 * statistics.median(latency),
         "latency_ms_p90": 1000 * sorted(latency)[math.ceil(0.9 * len(latency)) - 1],
         "images_per_s": args.batch / statistics.median(throughput),
@@ -112,7 +148,7 @@ def measure_one(args):
             torch.cuda.reset_peak_memory_stats()
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        data = inputs(args.batch, args.size, device, with_boxes=True)
+        data = inputs(args.batch, size, device, with_boxes=True)
 
         def step():
             with autocast:
@@ -128,11 +164,52 @@ def measure_one(args):
     print(json.dumps(result))
 
 
+def export_one(args, cfg, model, config, input_scale, size):
+    """Export the randomly initialised model of `config` for args.runtime into args.workdir with
+    a random image of `size`; print one JSON line naming them."""
+    weights = os.path.join(args.workdir, "weights")
+    os.makedirs(weights)
+    SafeCheckpointer(model, weights).save("model")
+    image = (np.random.default_rng(0).random((*size, 3)) * 255).astype(np.uint8)
+    image_path = os.path.join(args.workdir, "input.png")
+    cv2.imwrite(image_path, image)
+    predictor = predictor_for_export(config, os.path.join(weights, "model.pth"),
+                                     ["MODEL.SLIMMABLE.PRETRAINED", ""], input_scale)
+    folder = os.path.join(args.workdir, "exported")
+    export(predictor, EXPORT_FORMATS[args.runtime], folder, image)
+    print(json.dumps({"export": folder, "image": image_path,
+                      "model": cfg.MODEL.META_ARCHITECTURE}))
+
+
+def measure_exported(args, spec, runtime, forwarded):
+    """Export `spec` for `runtime` and time it with msad_runtime.py: its result dict."""
+    with tempfile.TemporaryDirectory(prefix="msad-benchmark-") as workdir:
+        exported = json.loads(run_checked(
+            [sys.executable, os.path.abspath(__file__), "--one", spec, "--runtime", runtime,
+             "--workdir", workdir, *forwarded], f"{spec} ({runtime} export)"))
+        timed_run = json.loads(run_checked(
+            [sys.executable, os.path.join(REPO, "msad_runtime.py"), exported["export"],
+             exported["image"], "--backend", runtime, "--benchmark", str(args.runs),
+             "--warmup", str(args.warmup)], f"{spec} ({runtime})"))
+    return {"config": spec, "model": exported["model"], "runtime": runtime,
+            "input": timed_run["input"], "latency_ms_median": timed_run["latency_ms_median"],
+            "latency_ms_p90": timed_run["latency_ms_p90"],
+            "peak_memory_mb": timed_run["peak_memory_mb"]}
+
+
+def run_checked(command, what):
+    """The last stdout line of `command`; exits naming `what` if it fails."""
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark: {what} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def peak_memory_mb(device):
-    """CUDA peak allocated since the last reset, or this process's peak RSS (KiB on Linux)."""
+    """CUDA peak allocated since the last reset, or this process's peak RSS."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return msad_runtime.peak_rss_mb()
 
 
 def main():
@@ -147,8 +224,12 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
+    parser.add_argument("--runtimes", nargs="+", default=["eager"], choices=RUNTIMES,
+                        help="run the exported model with these too (CPU; ratios to eager)")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config
+    parser.add_argument("--runtime", default="eager", help=argparse.SUPPRESS)  # ... with this
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)  # ... exporting here
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
@@ -156,41 +237,82 @@ def main():
         return measure_one(args)
     if not args.configs:
         parser.error("--configs: name at least one config file")
-    for config in args.configs:
+    for spec in args.configs:
+        config, scale = config_spec(spec)
         if not os.path.isfile(config):
             parser.error(f"--configs: no such file {config}")
+        if scale not in ("full", "low"):
+            parser.error(f"--configs {spec}: the suffix after ':' can only be 'low'")
+    exported = [r for r in args.runtimes if r != "eager"]
+    if exported and (args.device != "cpu" or args.train):
+        parser.error("--runtimes: the exported models are measured on the CPU, without --train")
+    for runtime in exported:
+        try:
+            __import__(RUNTIME_PACKAGES[runtime])
+        except ImportError:
+            parser.error(f"--runtimes {runtime}: the {RUNTIME_PACKAGES[runtime]} package is not "
+                         "installed")
 
     flags = [f for f in ("compile", "channels_last", "amp") if getattr(args, f)]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}; input "
           f"{args.size[0]}x{args.size[1]}, batch {args.batch}; flags: {', '.join(flags) or 'none'}",
           flush=True)
-    forwarded = [a for a in sys.argv[1:] if a not in args.configs and a != "--configs"]
+    forwarded = [a for a in sys.argv[1:] if a not in args.configs + args.runtimes
+                 and a not in ("--configs", "--runtimes")]
+    runtimes = ["eager"] + exported
+    jobs = [(spec, runtime) for spec in args.configs for runtime in runtimes]
     results = []
-    for i, config in enumerate(args.configs, 1):
-        print(f"[{i}/{len(args.configs)}] {config}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", config,
-                               *forwarded], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"benchmark: {config} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for i, (spec, runtime) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {spec} {runtime}", file=sys.stderr, flush=True)
+        if runtime == "eager":
+            results.append(json.loads(run_checked(
+                [sys.executable, os.path.abspath(__file__), "--one", spec, *forwarded], spec)))
+        else:
+            results.append(measure_exported(args, spec, runtime, forwarded))
 
-    base = results[0]
-    keys = [("latency_ms_median", "median ms"), ("latency_ms_p90", "p90 ms"),
-            ("images_per_s", "img/s"), ("peak_memory_mb", "peak MB")]
-    if args.train:
-        keys += [("train_step_ms", "train ms"), ("train_peak_memory_mb", "train MB")]
-    header = f"{'config':<40}" + "".join(f"{label:>11}{'ratio':>7}" for _, label in keys)
-    print(header + "\n" + "-" * len(header))
-    for r in results:
-        cells = "".join(f"{r[k]:11.2f}{r[k] / base[k]:7.2f}" for k, _ in keys)
-        print(f"{os.path.relpath(r['config'], REPO)[:39]:<40}{cells}")
+    if exported:
+        print_runtime_table(results)
+    else:
+        print_table(results, args.train)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump({"device": device_name, "size": args.size, "batch": args.batch,
                        "flags": flags, "results": results}, f, indent=2)
         print(f"Wrote {args.output}")
+
+
+def name(spec):
+    return os.path.relpath(spec, REPO)[:39]
+
+
+def print_table(results, train):
+    """Every config's figures, with ratios to the first."""
+    base = results[0]
+    keys = [("latency_ms_median", "median ms"), ("latency_ms_p90", "p90 ms"),
+            ("images_per_s", "img/s"), ("peak_memory_mb", "peak MB")]
+    if train:
+        keys += [("train_step_ms", "train ms"), ("train_peak_memory_mb", "train MB")]
+    header = f"{'config':<40}" + "".join(f"{label:>11}{'ratio':>7}" for _, label in keys)
+    print(header + "\n" + "-" * len(header))
+    for r in results:
+        cells = "".join(f"{r[k]:11.2f}{r[k] / base[k]:7.2f}" for k, _ in keys)
+        print(f"{name(r['config']):<40}{cells}")
+
+
+def print_runtime_table(results):
+    """Every config and input under every runtime, with ratios to eager on the same ones."""
+    header = (f"{'config':<40}{'input':>10}  {'runtime':<12}{'median ms':>10}{'p90 ms':>10}"
+              f"{'vs eager':>9}{'peak MB':>9}")
+    print(header + "\n" + "-" * len(header))
+    eager = {}
+    for r in results:
+        if r["runtime"] == "eager":
+            eager[r["config"]] = r["latency_ms_median"]
+        print(f"{name(r['config']):<40}{'x'.join(map(str, r['input'])):>10}  {r['runtime']:<12}"
+              f"{r['latency_ms_median']:10.1f}{r['latency_ms_p90']:10.1f}"
+              f"{r['latency_ms_median'] / eager[r['config']]:9.2f}{r['peak_memory_mb']:9.0f}")
 
 
 if __name__ == "__main__":
