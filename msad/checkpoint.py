@@ -125,9 +125,11 @@ class SafeCheckpointer(DetectionCheckpointer):
     `source` names what pointed to the file (a config key or option) in error messages.
     """
 
-    def __init__(self, model, save_dir="", *, source="MODEL.WEIGHTS", **kwargs):
+    def __init__(self, model, save_dir="", *, source="MODEL.WEIGHTS", complete=False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.source = source
+        # Inference and export need every parameter from the file: none left at its random start.
+        self.complete = complete
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -215,4 +217,12 @@ class SafeCheckpointer(DetectionCheckpointer):
             raise ValueError(
                 f"{self.source}: {self._path} does not fit this model (another width or "
                 f"architecture?): {len(wrong)} tensors of another shape, e.g. {wrong[:3]}")
+        missing = sorted(incompatible.missing_keys) + [k for k, _, _ in
+                                                       incompatible.incorrect_shapes]
+        if self.complete and missing:
+            raise ValueError(
+                f"{self.source}: {self._path} lacks {len(missing)} parameters of "
+                f"{type(self.model).__name__} (e.g. {missing[:3]}), which would run with "
+                "random values: it is a checkpoint of another model or number of classes (a "
+                "student's checkpoint never holds its teacher: use the teacher's own)")
         return incompatible

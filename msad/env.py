@@ -1,4 +1,4 @@
-"""Which Detectron2, torch and CUDA this environment uses: ``python -m msad.env``."""
+"""Which Detectron2, torch, CUDA and export runtimes this environment uses: ``python -m msad.env``."""
 import os
 from importlib.metadata import PackageNotFoundError, version
 
@@ -21,6 +21,13 @@ def detectron2_distribution():
     return "not installed by pip (a source checkout on the path)"
 
 
+def installed(name):
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return f"{name} not installed"
+
+
 def summary():
     import detectron2
     import torch
@@ -32,6 +39,7 @@ def summary():
         f"({detectron2_distribution()}); compiled _C ops: {ops}",
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, built for CUDA "
         f"{torch.version.cuda or 'none'}, CUDA available: {torch.cuda.is_available()}",
+        "export: " + ", ".join(installed(n) for n in ("onnx", "onnxruntime", "openvino")),
     ])
 
 

@@ -19,7 +19,9 @@ import warnings
 
 import numpy as np
 import torch
+from detectron2.data.catalog import Metadata
 from detectron2.export import TracingAdapter
+from detectron2.structures import Boxes, Instances
 
 import msad_runtime
 
@@ -30,6 +32,7 @@ from .predictor import Predictor
 logger = logging.getLogger(__name__)
 
 MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+EXTENSIONS = tuple(os.path.splitext(f)[1] for f in MODEL_FILES.values())
 # ONNX opsets the export supports: NonMaxSuppression with a dynamic number of boxes needs 11;
 # the newest is the newest torch.onnx's TorchScript-based exporter writes.
 MIN_OPSET = 11
@@ -208,3 +211,28 @@ def predictor_for_export(config_file, weights, opts=(), input_scale=None):
     """The predictor whose model is exported: on the CPU, without a training teacher."""
     cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
     return Predictor(cfg, weights, input_scale)
+
+
+def is_export(path):
+    """Whether `path` names an exported model (its folder or file) rather than a checkpoint."""
+    return os.path.isdir(path) or path.endswith(EXTENSIONS + (msad_runtime.METADATA,))
+
+
+class ExportedPredictor:
+    """An exported model run by ``msad_runtime`` behind ``msad.Predictor``'s interface: BGR
+    images in, ``Instances`` in their pixels out, ``metadata`` for Detectron2's ``Visualizer``."""
+
+    def __init__(self, path, backend=None):
+        self.detector = msad_runtime.Detector(path, backend)
+        meta = self.detector.metadata
+        ids = meta["thing_dataset_ids"]
+        self.metadata = Metadata(name=self.detector.model_path,
+                                 thing_classes=meta["thing_classes"],
+                                 **({"thing_dataset_id_to_contiguous_id":
+                                     {k: i for i, k in enumerate(ids)}} if ids else {}))
+
+    def __call__(self, image: np.ndarray) -> Instances:
+        found = self.detector(image)
+        return Instances(image.shape[:2], pred_boxes=Boxes(torch.from_numpy(found.boxes)),
+                         scores=torch.from_numpy(found.scores),
+                         pred_classes=torch.from_numpy(found.classes))

@@ -139,7 +139,7 @@ class Predictor:
         self.cfg = cfg
         self.metadata = Metadata(name=weights, **class_metadata(cfg, info))
         self.model = build_model(cfg).eval()
-        SafeCheckpointer(self.model, source="weights").load(weights)
+        SafeCheckpointer(self.model, source="weights", complete=True).load(weights)
         min_size, max_size = inference_sizes(cfg)
         self.resize = T.ResizeShortestEdge([min_size, min_size], max_size)
         self.input_format = cfg.INPUT.FORMAT

@@ -33,6 +33,7 @@ def test_env_summary_names_the_detectron2_and_torch_in_use():
     text = summary()
     assert os.path.dirname(detectron2.__file__) in text and torch.__version__ in text
     assert ("_C ops: present" in text) == has_compiled_ops()
+    assert "export: onnx 1." in text and "onnxruntime 1." in text
 
 
 def test_corrupt_wheel_is_refused_and_removed(tmp_path, capsys):

@@ -6,6 +6,7 @@
         --input photos/ "more/*.png" one.jpg --output out/ [--confidence-threshold 0.5]
     python tools/demo.py ... --video-input clip.mp4 --output out/clip.mp4
     python tools/demo.py ... --input small/ --input-scale low --output out/   # already 1/f images
+    python tools/demo.py --weights exported/student --input photos/ --output out/   # an export
 
 Writes one picture per image (or one video) with the detections drawn by Detectron2's
 ``Visualizer`` and the model's class names, plus a COCO-results JSON (``detections.json`` in an
@@ -19,6 +20,9 @@ missing inputs, an empty folder, a glob that matches nothing, a video OpenCV can
 --output that would overwrite an input stop before the model is loaded.  Without --output the
 results are shown in a window, which needs an OpenCV built with a GUI (not the headless one
 tools/setup.sh installs).
+
+--weights may name a model exported by tools/export_model.py (its folder, model.onnx or model.ts):
+it runs with msad_runtime (onnxruntime, --backend openvino, or TorchScript) and needs no config.
 """
 import argparse
 import glob
@@ -44,6 +48,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from msad.alignment import INPUT_SCALES  # noqa: E402
 from msad.checkpoint import write_atomically  # noqa: E402
 from msad.convert import IMAGE_EXTENSIONS  # noqa: E402
+from msad.export import ExportedPredictor, is_export  # noqa: E402
 from msad.predictor import Predictor  # noqa: E402
 
 # Codecs tried in turn for a video: (fourcc, file extension).  Headless OpenCV wheels have no
@@ -58,9 +63,13 @@ class DemoError(Exception):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", required=True,
-                        help="the model's config (its training OUTPUT_DIR holds it as config.yaml)")
-    parser.add_argument("--weights", required=True, help="the model's checkpoint")
+    parser.add_argument("--config-file",
+                        help="the model's config (its training OUTPUT_DIR holds it as config.yaml)"
+                        "; not for an exported model")
+    parser.add_argument("--weights", required=True,
+                        help="the model's checkpoint, or an exported model (folder or file)")
+    parser.add_argument("--backend", help="an exported model's runtime: onnxruntime (default "
+                        "for ONNX), openvino or torchscript")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files, folders and glob patterns")
     source.add_argument("--video-input", help="a video file")
@@ -321,6 +330,27 @@ def run_video(args, predictor, capture, name, candidates):
     print(latency_summary(timer.latencies, frame_index, time.perf_counter() - start, "frames"))
 
 
+def load_predictor(args):
+    """msad.Predictor for a checkpoint and its config; ExportedPredictor for an export."""
+    if not is_export(args.weights):
+        if not args.config_file:
+            raise DemoError("--config-file: a checkpoint needs its config (an exported model "
+                            "does not)")
+        return Predictor.from_files(args.config_file, args.weights, args.opts, args.input_scale)
+    extra = [flag for flag, given in (("--config-file", args.config_file), ("--opts", args.opts))
+             if given]
+    if extra:
+        raise DemoError(f"--weights {args.weights} is an exported model, which carries its "
+                        f"settings in its model.json: drop {' and '.join(extra)}")
+    predictor = ExportedPredictor(args.weights, args.backend)
+    exported_scale = predictor.detector.input["input_scale"]
+    if args.input_scale and args.input_scale != exported_scale:
+        raise DemoError(f"--input-scale {args.input_scale}: {args.weights} was exported for "
+                        f"input scale {exported_scale!r} (export it again with --input-scale "
+                        f"{args.input_scale})")
+    return predictor
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -344,8 +374,7 @@ def main(argv=None):
                                  [os.path.splitext(candidates[0][1])[0] + ".json"], [name])
             capture = open_video(args.video_input or 0, f"--video-input {args.video_input}"
                                  if args.video_input else "--webcam: camera 0")
-        predictor = Predictor.from_files(args.config_file, args.weights, args.opts,
-                                         args.input_scale)
+        predictor = load_predictor(args)
         if args.input:
             run_images(args, predictor, files, pictures, json_path)
         else:

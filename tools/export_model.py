@@ -92,8 +92,9 @@ def main(argv=None):
     size = detector.preprocess(check).shape[1:]
     print(f"Wrote {path} and {os.path.join(args.output, msad_runtime.METADATA)} "
           f"({os.path.getsize(path) / 2**20:.1f} MiB)")
-    print(f"Traced at {predictor.model_input(sample)['image'].shape[1:]}, checked at "
-          f"{tuple(size)} with {detector.backend}: {json.dumps(comparison)}")
+    traced = tuple(predictor.model_input(sample)["image"].shape[1:])
+    print(f"Traced at {traced[0]}x{traced[1]}, checked at {size[0]}x{size[1]} with "
+          f"{detector.backend}: {json.dumps(comparison)}")
     if not agrees(comparison, args.tolerance):
         sys.exit(f"export_model: the exported model disagrees with PyTorch beyond --tolerance "
                  f"{args.tolerance}: {comparison}")

@@ -1,0 +1,245 @@
+"""Export: every detector's TorchScript/ONNX file gives eager PyTorch's detections on an image of
+another size than it was traced at; the torch-free runtime; the exported student's AP; bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import msad_runtime
+from conftest import REPO, quickstart_cfg
+from export_model import CHECK_SHAPE, TRACE_SHAPE, synthetic_image
+from msad.checkpoint import SafeCheckpointer
+from msad.export import (ExportedPredictor, check_format, eager_raw, export,
+                        predictor_for_export)
+from test_tools import run_tool
+
+DETECTORS = ("hr_baseline", "lr_baseline", "teacher", "student", "student_light", "bicubic_4x",
+             "thumbdet_4x")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Each quickstart detector's checkpoint, randomly initialised but made to find many boxes
+    (class probabilities near 0.27, boxes of about two strides): NMS and top-k have work to do."""
+    from detectron2.modeling import build_model
+
+    root = tmp_path_factory.mktemp("export_weights")
+    for name in DETECTORS:
+        torch.manual_seed(0)
+        model = build_model(quickstart_cfg(name))
+        with torch.no_grad():
+            model.head.cls_score.bias.fill_(-1.0)
+            model.head.cls_score.weight.mul_(0.1)
+            model.head.bbox_pred.bias.fill_(1.0)
+            model.head.bbox_pred.weight.mul_(0.1)
+        (root / name).mkdir()
+        SafeCheckpointer(model, str(root / name)).save("model_final")
+    return root
+
+
+def config(name):
+    return os.path.join(REPO, "configs", "quickstart", f"{name}.yaml")
+
+
+def exported(weights, tmp_path, name, fmt, input_scale=None, postprocess=True):
+    """(eager predictor, runtime detector) of one export, traced on the synthetic trace image."""
+    # Random weights score the padding as high as the image: keep more than the 100 detections
+    # there are slots for, or most images keep only boxes later clipped away.
+    predictor = predictor_for_export(config(name), str(weights / name / "model_final.pth"),
+                                     ["TEST.DETECTIONS_PER_IMAGE", 400], input_scale)
+    export(predictor, fmt, str(tmp_path / "out"), synthetic_image(0, TRACE_SHAPE), postprocess)
+    return predictor, msad_runtime.Detector(str(tmp_path / "out"))
+
+
+def assert_same_detections(predictor, detector, image):
+    eager, found = predictor(image), detector(image)
+    assert len(eager) >= 10, "too few detections to compare"
+    assert len(found.scores) == len(eager)
+    np.testing.assert_array_equal(found.classes, eager.pred_classes.numpy())
+    np.testing.assert_allclose(found.boxes, eager.pred_boxes.tensor.numpy(), rtol=0,
+                               atol=TOLERANCE)
+    np.testing.assert_allclose(found.scores, eager.scores.numpy(), rtol=0, atol=TOLERANCE)
+    assert found.class_names == [predictor.metadata.thing_classes[c] for c in found.classes]
+
+
+def check_image(detector):
+    """The comparison image: after the test resize, another size than the trace image's."""
+    image = synthetic_image(1, CHECK_SHAPE)
+    assert detector.preprocess(image).shape != detector.preprocess(
+        synthetic_image(0, TRACE_SHAPE)).shape
+    return image
+
+
+@pytest.mark.parametrize("name,fmt,input_scale", [
+    *[(name, "onnx", None) for name in DETECTORS],
+    ("student", "onnx", "low"), ("student_light", "onnx", "low"), ("lr_baseline", "onnx", "low"),
+    ("student", "torchscript", "low"), ("thumbdet_4x", "torchscript", None),
+    ("teacher", "torchscript", None)])
+def test_exported_detector_matches_eager_at_another_size(weights, tmp_path, name, fmt,
+                                                         input_scale):
+    predictor, detector = exported(weights, tmp_path, name, fmt, input_scale)
+    assert detector.metadata["input"]["input_scale"] == (input_scale or "full")
+    assert_same_detections(predictor, detector, check_image(detector))
+
+
+@pytest.mark.parametrize("name,input_scale", [("student", "low"), ("thumbdet_4x", None)])
+def test_raw_outputs_match_the_eager_head(weights, tmp_path, name, input_scale):
+    predictor, detector = exported(weights, tmp_path, name, "onnx", input_scale, False)
+    image = check_image(detector)
+    raw, eager = detector.run(detector.preprocess(image)), eager_raw(predictor, image)
+    assert len(raw) == len(eager) == 15 == len(detector.metadata["outputs"])
+    for a, b in zip(raw, eager):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE)
+    # Each level's maps are 1/stride of the padded input, as model.json says.
+    padded = [-(-s // detector.metadata["input"]["size_divisibility"])
+              * detector.metadata["input"]["size_divisibility"]
+              for s in detector.preprocess(image).shape[1:]]
+    for level, logits in zip(detector.metadata["levels"], raw[:5]):
+        assert list(logits.shape[2:]) == [s // level["stride"] for s in padded]
+    with pytest.raises(msad_runtime.ExportError, match="no-postprocess"):
+        detector(image)
+
+
+def test_openvino_runs_the_onnx_file_alike(weights, tmp_path):
+    pytest.importorskip("openvino")
+    predictor, _ = exported(weights, tmp_path, "thumbdet_4x", "onnx")
+    detector = msad_runtime.Detector(str(tmp_path / "out"), backend="openvino")
+    assert_same_detections(predictor, detector, check_image(detector))
+
+
+def test_model_json_describes_the_model(weights, tmp_path):
+    predictor, detector = exported(weights, tmp_path, "student", "onnx", "low")
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert meta["outputs"] == ["boxes", "classes", "scores", "image_size"]
+    assert meta["input"] == {**meta["input"], "format": "RGB", "input_factor": 2,
+                             "input_scale": "low", "size_divisibility": 64}
+    assert [lv["stride"] for lv in meta["levels"]] == [4, 8, 16, 32, 64]  # of the 1/2 image
+    assert meta["thing_classes"] == list(predictor.metadata.thing_classes)
+    # The student alone: none of its training teacher's weights are in the graph.
+    import onnx
+    names = [t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer]
+    assert names and not any("teacher" in n or "fusion" in n for n in names)
+
+
+def test_runtime_runs_without_torch_or_detectron2(weights, tmp_path):
+    exported(weights, tmp_path, "student", "onnx", "low")
+    image = tmp_path / "image.png"
+    cv2.imwrite(str(image), synthetic_image(1, CHECK_SHAPE))
+    code = ("import sys, numpy as np, msad_runtime; from PIL import Image\n"
+            f"d = msad_runtime.Detector({str(tmp_path / 'out')!r})\n"
+            f"found = d(np.asarray(Image.open({str(image)!r}))[:, :, ::-1].copy())\n"
+            "assert len(found.scores) > 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'detectron2', 'torchvision', 'msad')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_exported_predictor_and_demo_use_the_export(weights, tmp_path):
+    predictor, _ = exported(weights, tmp_path, "hr_baseline", "onnx")
+    image = synthetic_image(1, CHECK_SHAPE)
+    instances = ExportedPredictor(str(tmp_path / "out"))(image)
+    torch.testing.assert_close(instances.pred_boxes.tensor, predictor(image).pred_boxes.tensor,
+                               rtol=0, atol=TOLERANCE)
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), image)
+    proc = run_tool("demo.py", "--weights", tmp_path / "out" / "model.onnx", "--input",
+                    tmp_path / "in", "--output", tmp_path / "drawn", "--confidence-threshold", 0)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = json.loads((tmp_path / "drawn" / "detections.json").read_text())
+    assert len(listed) == len(instances) and (tmp_path / "drawn" / "a.png").is_file()
+    proc = run_tool("demo.py", "--weights", tmp_path / "out", "--config-file", config("student"),
+                    "--input", tmp_path / "in", "--output", tmp_path / "drawn2")
+    assert proc.returncode != 0 and "drop --config-file" in proc.stderr
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_a_model_file_that_does_not_match_its_metadata_is_refused(weights, tmp_path):
+    exported(weights, tmp_path, "student", "onnx")
+    with open(tmp_path / "out" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(msad_runtime.ExportError, match="model.onnx is not the file its model.json"):
+        msad_runtime.Detector(str(tmp_path / "out"))
+    os.remove(tmp_path / "out" / "model.json")
+    with pytest.raises(msad_runtime.ExportError, match="no model.json"):
+        msad_runtime.Detector(str(tmp_path / "out" / "model.onnx"))
+
+
+def test_missing_onnx_and_unsupported_opsets_are_named(monkeypatch):
+    with pytest.raises(ValueError, match="--opset 9 is not supported"):
+        check_format("onnx", 9)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(RuntimeError, match="needs the onnx package"):
+        check_format("onnx", 17)
+    check_format("torchscript", 17)  # needs no onnx
+
+
+def test_export_tool_checks_and_refuses(weights, tmp_path):
+    out = tmp_path / "x"
+    proc = run_tool("export_model.py", "--config-file", config("student"), "--weights",
+                    weights / "student" / "model_final.pth", "--format", "onnx", "--input-scale",
+                    "low", "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"detections": ' in proc.stdout and "checked at" in proc.stdout
+    before = (out / "model.onnx").read_bytes()
+    for args, message in [
+        ((), "already holds model.onnx"),  # nothing overwritten
+        (("--opset", 9), "--opset 9 is not supported"),
+    ]:
+        proc = run_tool("export_model.py", "--config-file", config("student"), "--weights",
+                        weights / "student" / "model_final.pth", "--format", "onnx",
+                        "--output", out, *args)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert (out / "model.onnx").read_bytes() == before
+    # The teacher reads the full image and its half: it has no low-resolution-only path.
+    proc = run_tool("export_model.py", "--config-file", config("teacher"), "--weights",
+                    weights / "teacher" / "model_final.pth", "--format", "onnx",
+                    "--input-scale", "low", "--output", tmp_path / "t")
+    assert proc.returncode != 0 and "INPUT_SCALE 'low'" in proc.stderr
+    # The teacher of a student from the student's weights: they do not hold it.
+    proc = run_tool("export_model.py", "--config-file", config("teacher"), "--weights",
+                    weights / "student" / "model_final.pth", "--format", "onnx",
+                    "--output", tmp_path / "s")
+    assert proc.returncode != 0 and "never holds its teacher" in proc.stderr, proc.stderr[-2000:]
+    assert "fusion" in proc.stderr
+    assert not (tmp_path / "s" / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_exported_student_ap_equals_eager_ap(untrained_teachers, tmp_path):
+    """A briefly trained student, evaluated on msad_synth_val by eager PyTorch and by its ONNX
+    export through msad_runtime (each reading the image files itself)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from test_train_net import train_net
+
+    out = tmp_path / "student"
+    proc = train_net("--config-file", config("student"), "MODEL.TEACHER.WEIGHTS",
+                     untrained_teachers / "teacher.pth", "MODEL.TEACHER.CONFIG_FILE",
+                     config("teacher"), "MODEL.MSAD.KD_ALPHA", 0.0, "SOLVER.MAX_ITER", 300,
+                     "DATASETS.TEST", "()", "OUTPUT_DIR", out, script="train_net_S.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_tool("export_model.py", "--config-file", out / "config.yaml", "--weights",
+                    out / "model_final.pth", "--format", "onnx", "--output", tmp_path / "onnx")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictors = {"eager": predictor_for_export(str(out / "config.yaml"),
+                                                str(out / "model_final.pth")),
+                  "runtime": ExportedPredictor(str(tmp_path / "onnx"))}
+    dataset = [[d] for d in DatasetCatalog.get("msad_synth_val")]
+    ap = {}
+    for name, predict in predictors.items():
+        def model(inputs, predict=predict):
+            return [{"instances": predict(cv2.imread(x["file_name"]))} for x in inputs]
+        ap[name] = inference_on_dataset(model, dataset, COCOEvaluator(
+            "msad_synth_val", output_dir=None))["bbox"]["AP"]
+    assert ap["eager"] > 2.0, ap  # trained enough for the comparison to mean something
+    assert abs(ap["runtime"] - ap["eager"]) <= 0.1, ap
+    print(ap)
