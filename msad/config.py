@@ -81,6 +81,10 @@ def add_msad_config(cfg):
     # they are then ranked by sqrt(class probability x centerness).
     _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
     _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000  # per level, before NMS
+    # What those per-level top candidates are chosen by: "score" (sqrt(class x centerness), the
+    # score reported) or "product" (class x centerness, as the official MSAD code: the same
+    # order, except that in float32 the square root can tie two products at the cut).
+    _C.MODEL.FCOS.TOPK_RANKING = "score"
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # IoU of the per-class NMS
     # (Detections per image after NMS: Detectron2's TEST.DETECTIONS_PER_IMAGE, 100.)
 

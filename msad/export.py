@@ -110,8 +110,9 @@ def metadata(predictor, fmt, postprocess, names, opset, model_file):
         "postprocess": postprocess,
         "outputs": names,
         # Decoding the raw outputs as the model does (Detectron2's FCOS): the location of cell
-        # (y, x) of a level is (x * stride, y * stride) in the given image's pixels, its box
-        # (cx - l, cy - t, cx + r, cy + b) * stride from box_regression; a class scores
+        # (y, x) of a level is ((x + 0.5) * stride, (y + 0.5) * stride) in the given image's
+        # pixels, its box (cx - l * stride, cy - t * stride, cx + r * stride, cy + b * stride)
+        # with l, t, r, b = relu(box_regression); a class scores
         # sqrt(sigmoid(logit) * sigmoid(centerness)) where sigmoid(logit) > score_thresh; per
         # level the top `topk_candidates`; then class-wise NMS and `max_detections`.
         "levels": [{"name": n, "stride": s}

@@ -11,7 +11,8 @@ centre sampling), focal + GIoU + centerness losses and box decoding.  What this 
   teacher's fusion), ``detection_losses`` (the teacher's three branches) and ``extra_losses``
   (distillation, image statistics).
 * ``ScaledFCOSHead``: a learnable scale per level on the box regression (official FCOS).
-* Test-time filtering on the class probability alone, ranking by sqrt(class x centerness).
+* Test-time filtering on the class probability alone, ranking by sqrt(class x centerness) (or
+  by the product, as the official MSAD code: ``MODEL.FCOS.TOPK_RANKING``).
 * ``SingleScaleFCOS``: the HR baseline, the low-resolution baseline and the bicubic-thumbnail
   baseline: one branch, at ``MODEL.FCOS.INPUT_FACTOR``.
 """
@@ -31,6 +32,10 @@ from torch import nn
 from .alignment import (INPUT_SCALES, Branch, check_levels, check_resample, downsample,
                         level_index, level_shift, normalize_and_pad, padded_size,
                         padding_multiple)
+
+
+# What the per-level test-time top-k is taken on (MODEL.FCOS.TOPK_RANKING).
+TOPK_RANKINGS = ("score", "product")
 
 
 def sum_over_processes(value: float, device) -> float:
@@ -99,7 +104,8 @@ class AlignedFCOS(FCOS):
 
     @configurable
     def __init__(self, *, backbone, head, branches: List[Branch], input_resample: str,
-                 size_divisibility: int = 0, input_scale: str = "full", **fcos_kwargs):
+                 size_divisibility: int = 0, input_scale: str = "full", topk_ranking="score",
+                 **fcos_kwargs):
         shapes = backbone.output_shape()
         for branch in branches:
             check_levels(branch, shapes)
@@ -112,6 +118,9 @@ class AlignedFCOS(FCOS):
                 "would get no gradient (and DDP would need find_unused_parameters): adjust "
                 "MODEL.FPN.IN_FEATURES / MODEL.FPN.NUM_TOP_LEVELS")
         check_resample(input_resample)
+        if topk_ranking not in TOPK_RANKINGS:
+            raise ValueError(f"MODEL.FCOS.TOPK_RANKING must be one of {TOPK_RANKINGS}, "
+                             f"got {topk_ranking!r}")
         if input_scale not in INPUT_SCALES:
             raise ValueError(f"MODEL.FCOS.INPUT_SCALE must be one of {INPUT_SCALES}, "
                              f"got {input_scale!r}")
@@ -126,6 +135,7 @@ class AlignedFCOS(FCOS):
         self.branches = [Branch(b.factor, tuple(b.levels)) for b in branches]
         self.full_resolution_levels = self.branches[0].full_resolution_levels
         self.input_resample = input_resample
+        self.topk_ranking = topk_ranking
         self.size_divisibility = divisibility
         # How much smaller than the full resolution the given images are: 1, or the factor of
         # the one branch when it is given low-resolution images.
@@ -159,6 +169,7 @@ class AlignedFCOS(FCOS):
             test_score_thresh=cfg.MODEL.FCOS.SCORE_THRESH_TEST,
             test_topk_candidates=cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST,
             test_nms_thresh=cfg.MODEL.FCOS.NMS_THRESH_TEST,
+            topk_ranking=cfg.MODEL.FCOS.TOPK_RANKING,
             max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
@@ -258,16 +269,20 @@ class AlignedFCOS(FCOS):
         results = []
         for i, (h, w) in enumerate(images.image_sizes):
             image_size = (h * self.given_factor, w * self.given_factor)  # full-resolution pixels
-            scores = []
+            ranks = []
             for cls_logits, ctr_logits in zip(logits, ctrness):
                 prob = cls_logits[i].sigmoid()
-                score = torch.sqrt(prob * ctr_logits[i].sigmoid())
-                # Threshold on the class probability; zeroed scores are dropped by decoding.
-                scores.append(torch.where(prob > self.test_score_thresh, score,
-                                          torch.zeros_like(score)))
+                rank = prob * ctr_logits[i].sigmoid()
+                if self.topk_ranking == "score":
+                    rank = torch.sqrt(rank)
+                # Threshold on the class probability; zeroed ranks are dropped by decoding.
+                ranks.append(torch.where(prob > self.test_score_thresh, rank,
+                                         torch.zeros_like(rank)))
             pred = self._decode_multi_level_predictions(
-                anchors, scores, [d[i] for d in deltas], 0.0, self.test_topk_candidates,
+                anchors, ranks, [d[i] for d in deltas], 0.0, self.test_topk_candidates,
                 image_size)
+            if self.topk_ranking == "product":
+                pred.scores = torch.sqrt(pred.scores)
             keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
                                self.test_nms_thresh)
             results.append(pred[keep[: self.max_detections_per_image]])

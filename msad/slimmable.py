@@ -35,15 +35,18 @@ def slimmable_key_map(blocks_per_stage):
             k += 1
 
 
-def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, target):
+def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, target,
+                                 prefix="module."):
     """Slice the checkpoint's tensors for `width` into the keys and shapes of `target`.
 
-    `target` is the ResNet's state_dict (its shapes are what the slices must match).
+    `target` is the ResNet's state_dict (its shapes are what the slices must match); the
+    checkpoint's ResNet keys start with `prefix` (the official MSAD detectors' with
+    ``T_backbone.bottom_up.`` or ``S_backbone.bottom_up.``).
     """
     if width not in width_list:
         raise ValueError(f"width {width} is not in the checkpoint's width list {list(width_list)}")
     bn_index = list(width_list).index(width)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
     out = {}
     for src, dst, kind in slimmable_key_map(blocks_per_stage):
         fields = [("weight", "weight")] if kind == "conv" else [
@@ -51,18 +54,18 @@ def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, tar
         for src_field, dst_field in fields:
             src_key, dst_key = f"{src}.{src_field}", f"{dst}.{dst_field}"
             if src_key not in state:
-                raise KeyError(f"slimmable checkpoint has no key 'module.{src_key}' "
+                raise KeyError(f"the checkpoint has no key '{prefix}{src_key}' "
                                f"(needed for {dst_key})")
             if dst_key not in target:
-                raise KeyError(f"the model has no parameter {dst_key} for 'module.{src_key}'")
+                raise KeyError(f"the model has no parameter {dst_key} for '{prefix}{src_key}'")
             tensor, want = state[src_key], tuple(target[dst_key].shape)
             if kind == "conv":
                 if tensor.dim() != 4 or tensor.shape[0] < want[0] or tensor.shape[1] < want[1]:
-                    raise ValueError(f"'module.{src_key}' has shape {tuple(tensor.shape)}, which "
+                    raise ValueError(f"'{prefix}{src_key}' has shape {tuple(tensor.shape)}, which "
                                      f"cannot be sliced to {want} for {dst_key}")
                 tensor = tensor[: want[0], : want[1]]
             if tuple(tensor.shape) != want:
-                raise ValueError(f"'module.{src_key}' has shape {tuple(tensor.shape)}, expected "
+                raise ValueError(f"'{prefix}{src_key}' has shape {tuple(tensor.shape)}, expected "
                                  f"{want} for {dst_key} at width {width}")
             out[dst_key] = tensor.clone()
     return out

@@ -10,7 +10,13 @@ from conftest import REPO
 from msad.config import load_config
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
-ZOO = [c for c in CONFIGS if os.path.basename(c).startswith("SLR") and "light" not in c]
+ZOO = [c for c in CONFIGS if os.path.basename(c).startswith("SLR") and "light" not in c
+       and os.sep + "official" + os.sep not in c]
+OFFICIAL = sorted(glob.glob(os.path.join(REPO, "configs", "MSAD", "official", "SLR*.yaml")))
+# What the official MSAD inference does differently (msad/official.py, README).
+OFFICIAL_INFERENCE = {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.530, 116.280, 123.675],
+                      "MODEL.PIXEL_STD": [1.0, 1.0, 1.0], "MODEL.FCOS.SIZE_DIVISIBILITY": 256,
+                      "MODEL.FCOS.TOPK_RANKING": "product", "MODEL.SLIMMABLE.PRETRAINED": ""}
 
 
 def test_the_zoo_is_complete():
@@ -46,6 +52,31 @@ def test_zoo_uses_the_official_schedule_and_width(path):
             load_config(teacher).OUTPUT_DIR, "model_final.pth")
         assert (cfg.MODEL.MSAD.KD_ALPHA, cfg.MODEL.MSAD.KD_TEMPERATURE,
                 cfg.MODEL.MSAD.KD_WARMUP_ITERS) == (0.2, 3.0, 500)
+
+
+@pytest.mark.parametrize("path", OFFICIAL, ids=os.path.basename)
+def test_official_configs_are_the_zoo_with_the_official_inference(path):
+    """configs/MSAD/official/X = configs/MSAD/X with only the official inference settings
+    (and where the converted weights are) changed."""
+    from msad.predictor import config_value
+
+    cfg, zoo = load_config(path), load_config(os.path.join(os.path.dirname(path), "..",
+                                                           os.path.basename(path)))
+    differ = {k for k in flat_keys(cfg) if config_value(cfg, k) != config_value(zoo, k)}
+    assert differ == set(OFFICIAL_INFERENCE) | {"MODEL.WEIGHTS", "OUTPUT_DIR"} | (
+        {"MODEL.TEACHER.CONFIG_FILE", "MODEL.TEACHER.WEIGHTS"} if path.endswith("-S.yaml")
+        else set())
+    assert {k: config_value(cfg, k) for k in OFFICIAL_INFERENCE} == OFFICIAL_INFERENCE
+    if path.endswith("-S.yaml"):
+        assert cfg.MODEL.TEACHER.CONFIG_FILE == path.replace("-S.yaml", "-T.yaml")
+
+
+def flat_keys(node, prefix=""):
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 @pytest.mark.parametrize("old_key, value", [
