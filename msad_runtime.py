@@ -13,11 +13,12 @@ on) and a backend: onnxruntime or OpenVINO for ONNX files, torch only for TorchS
 """
 import hashlib
 import json
+import math
 import os
 from typing import List, NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 METADATA = "model.json"
 FORMAT_VERSION = 1
@@ -70,6 +71,23 @@ def read_metadata(path):
     return model_path, meta
 
 
+def backend_package(name):
+    """The module of a backend, or an ExportError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ExportError(f"this backend needs the {name} package (pip install {name})") from e
+
+
+def p90(values):
+    """The 90th percentile of a list of numbers: the smallest value at least 90 % of them do
+    not exceed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+
+
 def resized_shape(height, width, short_edge, max_size):
     """(height, width) after Detectron2's ResizeShortestEdge (short edge 0: unchanged)."""
     if short_edge == 0:
@@ -101,6 +119,9 @@ class Detector:
                 f"{self.model_path} is not the file its {METADATA} describes (sha256 {actual[:12]}"
                 f"..., expected {meta['sha256'][:12]}...): export the model again, or keep each "
                 "model file with its own metadata")
+        if meta.get("format") not in BACKENDS:
+            raise ExportError(f"{self.model_path}: its {METADATA} names format "
+                              f"{meta.get('format')!r}, not one of {list(BACKENDS)}")
         backends = BACKENDS[meta["format"]]
         self.backend = backend or backends[0]
         if self.backend not in backends:
@@ -112,7 +133,7 @@ class Detector:
 
     # ---- backends: each returns a function from the CHW float32 image to the output arrays --
     def _load_onnxruntime(self, device):
-        import onnxruntime
+        onnxruntime = backend_package("onnxruntime")
 
         providers = device or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                                if p in onnxruntime.get_available_providers()]
@@ -123,7 +144,7 @@ class Detector:
         return lambda image: session.run(None, {input_name: image})
 
     def _load_openvino(self, device):
-        import openvino
+        openvino = backend_package("openvino")
 
         # f32: OpenVINO would otherwise run in bf16 on CPUs that have it, off by ~1e-3.
         compiled = openvino.Core().compile_model(self.model_path, device or "CPU",
@@ -139,8 +160,8 @@ class Detector:
         return run
 
     def _load_torchscript(self, device):
-        import torch
-        import torchvision  # noqa: F401  (registers the torchvision::nms the graph calls)
+        torch = backend_package("torch")
+        backend_package("torchvision")  # registers the torchvision::nms the graph calls
 
         module = torch.jit.load(self.model_path, map_location="cpu").eval()
 
@@ -220,7 +241,8 @@ def main(argv=None):
         detector = Detector(args.export, args.backend)
         images = []
         for path in args.images:
-            image = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1]  # BGR, as OpenCV
+            # Upright as its EXIF orientation says, BGR: as OpenCV and Detectron2 read it.
+            image = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))[:, :, ::-1]
             images.append(np.ascontiguousarray(image))
     except (ExportError, OSError) as e:
         raise SystemExit(f"msad_runtime: {e}")
@@ -232,10 +254,9 @@ def main(argv=None):
             detector.run(chw)
             if i >= args.warmup:
                 times.append(1000 * (time.perf_counter() - start))
-        times.sort()
         print(json.dumps({"backend": detector.backend, "input": list(chw.shape[1:]),
                           "latency_ms_median": statistics.median(times),
-                          "latency_ms_p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+                          "latency_ms_p90": p90(times),
                           "peak_memory_mb": peak_rss_mb()}))
         return
     for path, image in zip(args.images, images):

@@ -107,15 +107,19 @@ def check_resample(mode, key="MODEL.FCOS.INPUT_RESAMPLE"):
 
 def downsample(x: torch.Tensor, factor, mode="nearest", size=None) -> torch.Tensor:
     """The 1/factor copy of a padded NCHW batch, exactly (H/factor, W/factor) in size (or `size`,
-    for a batch that the factor does not divide)."""
+    for a batch that the factor does not divide: eager PyTorch only)."""
     if factor == 1:
         return x
     check_resample(mode)
     size = size or (x.shape[-2] // factor, x.shape[-1] // factor)
+    if torch.onnx.is_in_onnx_export() and mode != "nearest":
+        # torch.onnx's TorchScript-based exporter writes neither the antialiased resize nor an
+        # area resize of a size known only at run time: the same filters as fixed convolutions.
+        if mode == "area":  # the mean of each factor x factor block
+            return F.avg_pool2d(x, factor)
+        return resize_by_convolution(x, factor, mode)
     if mode in ("nearest", "area"):  # area: the mean of each factor x factor block
         return F.interpolate(x, size=size, mode=mode)
-    if torch.onnx.is_in_onnx_export():  # ONNX has no antialiased resize
-        return resize_by_convolution(x, factor, mode)
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
 
 
@@ -148,6 +152,9 @@ def resize_by_convolution(x: torch.Tensor, factor: int, mode: str) -> torch.Tens
     two strided depthwise convolutions (exportable to ONNX): each axis is filtered with the
     zero-padded taps and divided by the same filter of ones, which is how the antialiased resize
     renormalises the weights that fall outside the image."""
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ValueError(f"resize_by_convolution: the factor {factor} does not divide the size "
+                         f"{tuple(x.shape[-2:])}")
     taps, pad = antialias_taps(factor, mode)
     kernel = x.new_tensor(taps)
     n, c = x.shape[:2]

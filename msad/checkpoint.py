@@ -118,9 +118,11 @@ class SafeCheckpointer(DetectionCheckpointer):
     Detectron2 only warns when a checkpoint's tensors have other shapes (another width) or none
     of its keys fit (another architecture), and goes on with a half-initialised model; here
     that is an error naming the file.  Missing keys and a classifier for another number of
-    classes are still only logged, so a backbone-only, a teacher or a COCO checkpoint can start
-    a detector.  (Files that Detectron2 loads by name-matching heuristics, Caffe2 ``.pkl`` and
-    ``?matching_heuristics=True``, keep Detectron2's warnings.)
+    classes are only logged, so a backbone-only, a teacher or a COCO checkpoint can start
+    a detector to train; with ``complete=True`` (inference, export) they are an error too,
+    since those parameters would run with their random initial values.  (Files that Detectron2
+    loads by name-matching heuristics, Caffe2 ``.pkl`` and ``?matching_heuristics=True``, keep
+    Detectron2's warnings.)
 
     `source` names what pointed to the file (a config key or option) in error messages.
     """
@@ -128,7 +130,6 @@ class SafeCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, source="MODEL.WEIGHTS", complete=False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.source = source
-        # Inference and export need every parameter from the file: none left at its random start.
         self.complete = complete
 
     def save(self, name, **kwargs):
@@ -217,8 +218,8 @@ class SafeCheckpointer(DetectionCheckpointer):
             raise ValueError(
                 f"{self.source}: {self._path} does not fit this model (another width or "
                 f"architecture?): {len(wrong)} tensors of another shape, e.g. {wrong[:3]}")
-        missing = sorted(incompatible.missing_keys) + [k for k, _, _ in
-                                                       incompatible.incorrect_shapes]
+        missing = sorted(set(incompatible.missing_keys)
+                         | {k for k, _, _ in incompatible.incorrect_shapes})
         if self.complete and missing:
             raise ValueError(
                 f"{self.source}: {self._path} lacks {len(missing)} parameters of "

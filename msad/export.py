@@ -39,9 +39,19 @@ MIN_OPSET = 11
 DEFAULT_OPSET = 17
 OUTPUT_NAMES = {"pred_boxes": "boxes", "pred_classes": "classes", "scores": "scores"}
 RAW_KINDS = ("logits", "box_regression", "centerness")
+# How the model decodes its raw outputs (Detectron2's FCOS), for those who decode them.
+DECODING_RULE = (
+    "Cell (y, x) of a level is at ((x + 0.5) * stride, (y + 0.5) * stride) in the given image's "
+    "pixels; its box is (cx - l * stride, cy - t * stride, cx + r * stride, cy + b * stride) "
+    "with l, t, r, b = max(box_regression, 0). A class of a cell is a candidate where "
+    "sigmoid(logit) > score_thresh; its score is sqrt(sigmoid(logit) * sigmoid(centerness)). "
+    "Each level keeps its topk_candidates best candidates (by the score, or by the product "
+    "under the square root when topk_ranking is 'product'); then class-wise NMS at nms_thresh "
+    "over all levels, and the max_detections best are kept.")
 
 
 def max_opset():
+    # Private, but the only place torch says which opsets its TorchScript-based exporter writes.
     from torch.onnx import _constants
 
     return _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -53,15 +63,26 @@ def check_format(fmt, opset):
         raise ValueError(f"--format must be one of {list(MODEL_FILES)}, got {fmt!r}")
     if fmt != "onnx":
         return
-    try:
-        import onnx  # noqa: F401  (torch.onnx writes the file with it)
-    except ImportError as e:
-        raise RuntimeError("--format onnx needs the onnx package (pip install onnx onnxruntime; "
-                           "tools/setup.sh installs both)") from e
+    for package, use in (("onnx", "torch.onnx writes the file with it"),
+                         ("onnxruntime", "the export is checked by running it")):
+        try:
+            __import__(package)
+        except ImportError as e:
+            raise RuntimeError(f"--format onnx needs the {package} package ({use}): pip install "
+                               "onnx onnxruntime (tools/setup.sh installs both)") from e
     if not MIN_OPSET <= opset <= max_opset():
         raise ValueError(f"--opset {opset} is not supported: this export needs an opset from "
                          f"{MIN_OPSET} (NonMaxSuppression) to {max_opset()} (the newest this "
                          f"torch {torch.__version__} writes)")
+
+
+def check_output_folder(output_dir):
+    """Refuse a folder that holds an export already: nothing is overwritten."""
+    existing = [name for name in (*MODEL_FILES.values(), msad_runtime.METADATA)
+                if os.path.exists(os.path.join(output_dir, name))]
+    if existing:
+        raise FileExistsError(f"--output {output_dir} already holds {', '.join(existing)}: "
+                              "export into another folder, or remove them")
 
 
 def detections(model, image):
@@ -109,16 +130,12 @@ def metadata(predictor, fmt, postprocess, names, opset, model_file):
         "pixel_std": cfg.MODEL.PIXEL_STD,
         "postprocess": postprocess,
         "outputs": names,
-        # Decoding the raw outputs as the model does (Detectron2's FCOS): the location of cell
-        # (y, x) of a level is ((x + 0.5) * stride, (y + 0.5) * stride) in the given image's
-        # pixels, its box (cx - l * stride, cy - t * stride, cx + r * stride, cy + b * stride)
-        # with l, t, r, b = relu(box_regression); a class scores
-        # sqrt(sigmoid(logit) * sigmoid(centerness)) where sigmoid(logit) > score_thresh; per
-        # level the top `topk_candidates`; then class-wise NMS and `max_detections`.
         "levels": [{"name": n, "stride": s}
                    for n, s in zip(model.full_resolution_levels, strides)],
-        "decoding": {"score_thresh": model.test_score_thresh,
+        "decoding": {"rule": DECODING_RULE,
+                     "score_thresh": model.test_score_thresh,
                      "topk_candidates": model.test_topk_candidates,
+                     "topk_ranking": model.topk_ranking,
                      "nms_thresh": model.test_nms_thresh,
                      "max_detections": model.max_detections_per_image},
         "thing_classes": list(predictor.metadata.thing_classes),
@@ -142,6 +159,7 @@ def export(predictor: Predictor, fmt, output_dir, sample, postprocess=True,
     """Export the predictor's model, traced on the BGR image `sample`, into `output_dir`:
     returns the model file's path (model.json is written beside it)."""
     check_format(fmt, opset)
+    check_output_folder(output_dir)
     model = predictor.model
     if getattr(model, "teacher", None) is not None:
         raise ValueError("the model holds its training teacher: export the detector alone "
@@ -182,10 +200,11 @@ def compare(predictor: Predictor, detector: "msad_runtime.Detector", image):
     if not detector.metadata["postprocess"]:
         exported = detector.run(detector.preprocess(image))
         eager = eager_raw(predictor, image)
-        return {"outputs": len(eager), "shapes_equal": all(
-            a.shape == b.shape for a, b in zip(exported, eager)),
-                "max_output_diff": max(float(np.abs(a - b).max()) if a.shape == b.shape
-                                       else float("inf") for a, b in zip(exported, eager))}
+        same = len(exported) == len(eager) and all(
+            a.shape == b.shape for a, b in zip(exported, eager))
+        return {"outputs": len(eager), "shapes_equal": same, "max_output_diff": max(
+            (float(np.abs(a - b).max()) for a, b in zip(exported, eager)), default=0.0)
+            if same else float("inf")}
     found, instances = detector(image), predictor(image)
     result = {"detections": len(found.scores), "eager_detections": len(instances)}
     if len(found.scores) == len(instances):

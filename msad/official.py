@@ -27,7 +27,7 @@ PREFIX = {"teacher": "T_", "student": "S_"}
 HEAD_MODULES = {"cls_tower": "cls_subnet", "bbox_tower": "bbox_subnet", "cls_logits": "cls_score",
                 "bbox_pred": "bbox_pred", "ctrness": "ctrness"}
 FUSION_LAYERS = {"SE.fc.0.weight": "fc1.weight", "SE.fc.2.weight": "fc2.weight"}
-FPN_CHANNELS = 256  # the official FPN's C2 lateral reads int(256 x width) channels
+RES2_CHANNELS = 256  # at width 1: the FPN's first lateral reads int(256 x width) of them
 
 
 class Conversion(NamedTuple):
@@ -61,7 +61,7 @@ def checkpoint_width(state, role, path):
     key = f"{PREFIX[role]}backbone.fpn_lateral2.weight"
     if key not in state:
         raise ValueError(f"{path}: no {key}, which every official MSAD checkpoint has")
-    width = state[key].shape[1] / FPN_CHANNELS
+    width = state[key].shape[1] / RES2_CHANNELS
     if width not in WIDTH_LIST:
         raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}: {width} x 256 input "
                          f"channels is none of the official widths {list(WIDTH_LIST)}")

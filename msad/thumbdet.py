@@ -11,7 +11,6 @@ The bicubic-thumbnail baseline is not a ThumbDet: it is ``SingleScaleFCOS`` with
 ``MODEL.FCOS.INPUT_RESAMPLE bicubic``.
 """
 import logging
-import math
 from functools import partial
 
 import torch
@@ -37,6 +36,11 @@ CONSTANT_CHANNEL_STD = 1e-3
 def check_factor(factor):
     if factor not in FACTORS:
         raise ValueError(f"ThumbDet: MODEL.FCOS.INPUT_FACTOR must be one of {FACTORS}, got {factor}")
+
+
+def thumbnail_side(side, factor):
+    """ceil(side / factor), for ints and for sizes that tracing keeps as tensors."""
+    return -(-side // factor)
 
 
 class LearnedDownsampler(nn.Module):
@@ -80,7 +84,8 @@ class LearnedDownsampler(nn.Module):
         rows = torch.arange(correction.shape[-2], device=x.device)
         cols = torch.arange(correction.shape[-1], device=x.device)
         mask = torch.stack([
-            ((rows[:, None] < -(-h // self.factor)) & (cols[None, :] < -(-w // self.factor)))
+            ((rows[:, None] < thumbnail_side(h, self.factor))
+             & (cols[None, :] < thumbnail_side(w, self.factor)))
             for h, w in (image_sizes or [x.shape[-2:]] * len(x))])[:, None].to(x.dtype)
         mean = ((correction * mask).sum(dim=(2, 3), keepdim=True)
                 / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0))
@@ -228,7 +233,7 @@ class ThumbDet(DistilledDetector, AlignedFCOS):
         unit, thumb = self.unit_range(images.tensor), self.unit_range(features.inputs[0])
         sizes = images.image_sizes
         source = [unit[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
-        thumbs = [thumb[i, :, :math.ceil(h / f), :math.ceil(w / f)]
+        thumbs = [thumb[i, :, :thumbnail_side(h, f), :thumbnail_side(w, f)]
                   for i, (h, w) in enumerate(sizes)]
         losses = {"loss_image_stats": self.stats_weight * image_statistics_loss(
             source, thumbs, self.stats_var_weight)}

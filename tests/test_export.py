@@ -9,11 +9,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import msad_runtime
 from conftest import REPO, quickstart_cfg
 from export_model import CHECK_SHAPE, TRACE_SHAPE, synthetic_image
 from msad.checkpoint import SafeCheckpointer
+from msad.alignment import resize_by_convolution
 from msad.export import (ExportedPredictor, check_format, eager_raw, export,
                         predictor_for_export)
 from test_tools import run_tool
@@ -47,12 +49,12 @@ def config(name):
     return os.path.join(REPO, "configs", "quickstart", f"{name}.yaml")
 
 
-def exported(weights, tmp_path, name, fmt, input_scale=None, postprocess=True):
+def exported(weights, tmp_path, name, fmt, input_scale=None, postprocess=True, opts=()):
     """(eager predictor, runtime detector) of one export, traced on the synthetic trace image."""
     # Random weights score the padding as high as the image: keep more than the 100 detections
     # there are slots for, or most images keep only boxes later clipped away.
     predictor = predictor_for_export(config(name), str(weights / name / "model_final.pth"),
-                                     ["TEST.DETECTIONS_PER_IMAGE", 400], input_scale)
+                                     ["TEST.DETECTIONS_PER_IMAGE", 400, *opts], input_scale)
     export(predictor, fmt, str(tmp_path / "out"), synthetic_image(0, TRACE_SHAPE), postprocess)
     return predictor, msad_runtime.Detector(str(tmp_path / "out"))
 
@@ -76,14 +78,18 @@ def check_image(detector):
     return image
 
 
-@pytest.mark.parametrize("name,fmt,input_scale", [
-    *[(name, "onnx", None) for name in DETECTORS],
-    ("student", "onnx", "low"), ("student_light", "onnx", "low"), ("lr_baseline", "onnx", "low"),
-    ("student", "torchscript", "low"), ("thumbdet_4x", "torchscript", None),
-    ("teacher", "torchscript", None)])
+AREA = ("MODEL.FCOS.INPUT_RESAMPLE", "area")
+
+
+@pytest.mark.parametrize("name,fmt,input_scale,opts", [
+    *[(name, "onnx", None, ()) for name in DETECTORS],
+    ("student", "onnx", "low", ()), ("student_light", "onnx", "low", ()),
+    ("lr_baseline", "onnx", "low", ()), ("lr_baseline", "onnx", None, AREA),
+    ("student", "torchscript", "low", ()), ("thumbdet_4x", "torchscript", None, ()),
+    ("teacher", "torchscript", None, ())])
 def test_exported_detector_matches_eager_at_another_size(weights, tmp_path, name, fmt,
-                                                         input_scale):
-    predictor, detector = exported(weights, tmp_path, name, fmt, input_scale)
+                                                         input_scale, opts):
+    predictor, detector = exported(weights, tmp_path, name, fmt, input_scale, opts=opts)
     assert detector.metadata["input"]["input_scale"] == (input_scale or "full")
     assert_same_detections(predictor, detector, check_image(detector))
 
@@ -105,6 +111,18 @@ def test_raw_outputs_match_the_eager_head(weights, tmp_path, name, input_scale):
         assert list(logits.shape[2:]) == [s // level["stride"] for s in padded]
     with pytest.raises(msad_runtime.ExportError, match="no-postprocess"):
         detector(image)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("factor", [2, 4])
+def test_resize_by_convolution_is_the_antialiased_resize(mode, factor):
+    x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
+    expected = F.interpolate(x, scale_factor=1 / factor, mode=mode, align_corners=False,
+                             antialias=True)
+    assert (resize_by_convolution(x, factor, mode) - expected).abs().max() < 4e-16
+    assert (resize_by_convolution(x.float(), factor, mode) - expected).abs().max() < 2e-7
+    with pytest.raises(ValueError, match="does not divide"):
+        resize_by_convolution(x[..., :95], factor, mode)
 
 
 def test_openvino_runs_the_onnx_file_alike(weights, tmp_path):
@@ -173,13 +191,77 @@ def test_a_model_file_that_does_not_match_its_metadata_is_refused(weights, tmp_p
         msad_runtime.Detector(str(tmp_path / "out" / "model.onnx"))
 
 
-def test_missing_onnx_and_unsupported_opsets_are_named(monkeypatch):
+def test_missing_packages_and_unsupported_opsets_are_named(monkeypatch):
     with pytest.raises(ValueError, match="--opset 9 is not supported"):
         check_format("onnx", 9)
-    monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(RuntimeError, match="needs the onnx package"):
-        check_format("onnx", 17)
-    check_format("torchscript", 17)  # needs no onnx
+    for package in ("onnx", "onnxruntime"):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, package, None)
+            with pytest.raises(RuntimeError, match=f"needs the {package} package"):
+                check_format("onnx", 17)
+    check_format("torchscript", 17)  # needs neither
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(msad_runtime.ExportError, match="needs the openvino package"):
+        msad_runtime.backend_package("openvino")
+
+
+def test_the_cli_names_a_missing_onnx(weights, tmp_path):
+    code = ("import sys, runpy; sys.modules['onnx'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "tools",
+                                                                      "export_model.py"),
+                           "--config-file", config("student"), "--weights",
+                           str(weights / "student" / "model_final.pth"), "--format", "onnx",
+                           "--output", str(tmp_path / "x")], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "needs the onnx package" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["hr_baseline", "thumbdet_4x", "teacher"])
+def test_low_resolution_input_is_refused_for_models_that_read_the_full_image(weights, name):
+    with pytest.raises(ValueError, match="INPUT_SCALE"):
+        predictor_for_export(config(name), str(weights / name / "model_final.pth"),
+                             input_scale="low")
+
+
+def test_weights_for_another_number_of_classes_are_refused(weights):
+    with pytest.raises(ValueError, match=r"lacks 2 parameters .*head\.cls_score"):
+        predictor_for_export(config("student"), str(weights / "student" / "model_final.pth"),
+                             ["MODEL.FCOS.NUM_CLASSES", 7])
+
+
+def test_outputs_other_than_the_metadata_s_are_refused(weights, tmp_path):
+    exported(weights, tmp_path, "hr_baseline", "onnx")
+    meta_path = tmp_path / "out" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, outputs=["scores", "boxes", "classes",
+                                                        "image_size"])))
+    with pytest.raises(msad_runtime.ExportError, match="has outputs .*model.json says"):
+        msad_runtime.Detector(str(tmp_path / "out"))
+    meta_path.write_text(json.dumps(dict(meta, format="tflite")))
+    with pytest.raises(msad_runtime.ExportError, match="names format 'tflite'"):
+        msad_runtime.Detector(str(tmp_path / "out"))
+
+
+def test_runtime_command_line_prints_the_detections(weights, tmp_path):
+    _, detector = exported(weights, tmp_path, "student", "onnx", "low")
+    image = tmp_path / "image.png"
+    cv2.imwrite(str(image), synthetic_image(1, CHECK_SHAPE))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "msad_runtime.py"),
+                           str(tmp_path / "out"), str(image)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    found = detector(cv2.imread(str(image)))
+    assert printed["file"] == str(image) and len(printed["detections"]) == len(found.scores) > 0
+    assert printed["detections"][0]["class"] == found.class_names[0]
+    np.testing.assert_allclose(printed["detections"][0]["bbox"], found.boxes[0], atol=0.01)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "msad_runtime.py"),
+                           str(tmp_path / "out"), str(image), "--benchmark", "2"],
+                          capture_output=True, text=True)
+    timing = json.loads(proc.stdout)
+    assert timing["input"] == list(CHECK_SHAPE) and timing["latency_ms_p90"] >= timing[
+        "latency_ms_median"] > 0 and timing["peak_memory_mb"] > 0
 
 
 def test_export_tool_checks_and_refuses(weights, tmp_path):
@@ -199,6 +281,11 @@ def test_export_tool_checks_and_refuses(weights, tmp_path):
                         "--output", out, *args)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert (out / "model.onnx").read_bytes() == before
+    proc = run_tool("export_model.py", "--config-file", config("student"), "--weights",
+                    weights / "student" / "model_final.pth", "--format", "torchscript",
+                    "--output", out)  # another format, the same folder: model.json is taken
+    assert proc.returncode != 0 and "model.json" in proc.stderr
+    assert not (out / "model.ts").exists() and (out / "model.onnx").read_bytes() == before
     # The teacher reads the full image and its half: it has no low-resolution-only path.
     proc = run_tool("export_model.py", "--config-file", config("teacher"), "--weights",
                     weights / "teacher" / "model_final.pth", "--format", "onnx",

@@ -182,8 +182,8 @@ def close(a, b):
 
 
 # ---- tests ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("role,width", [("teacher", 0.25), ("teacher", 0.75), ("student", 0.5),
-                                        ("student", 1.0)])
+@pytest.mark.parametrize("width", WIDTH_LIST)
+@pytest.mark.parametrize("role", ["teacher", "student"])
 def test_conversion_gives_every_parameter_and_reports_the_rest(role, width):
     checkpoint = official_checkpoint(role, width)
     model = our_model(role, width)
@@ -345,3 +345,39 @@ def test_topk_by_product_keeps_the_same_detections_and_scores():
     assert torch.equal(product.pred_boxes.tensor, score.pred_boxes.tensor)
     with pytest.raises(ValueError, match="MODEL.FCOS.TOPK_RANKING must be one of"):
         build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.TOPK_RANKING", "sqrt"))
+
+
+def test_topk_by_product_keeps_the_larger_product_where_square_roots_tie():
+    """Two candidates whose class x centerness differ but whose float32 square roots are equal:
+    with one candidate kept per level, "product" keeps the larger wherever it is; "score" sees a
+    tie and keeps the same position both times, so it keeps the smaller once."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import ImageList
+
+    from conftest import quickstart_cfg
+
+    t = torch.linspace(0.0, 0.01, 200001)
+    ctr = torch.sigmoid(t)
+    tie = next(i for i in range(len(t) - 1) if ctr[i] < ctr[i + 1]
+               and torch.sqrt(ctr[i]) == torch.sqrt(ctr[i + 1]))
+    kept = {}
+    for ranking in ("score", "product"):
+        model = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.TOPK_RANKING", ranking,
+                                           "MODEL.FCOS.TOPK_CANDIDATES_TEST", 1)).eval()
+        sizes = [(1, 2)] + [(1, 1)] * 4  # level 0 has the two candidates
+        features = [torch.zeros(1, 8, h, w) for h, w in sizes]
+        for larger_first in (True, False):
+            order = [tie + 1, tie] if larger_first else [tie, tie + 1]
+            logits = [torch.full((1, 5, h, w), -30.0) for h, w in sizes]
+            logits[0][0, 0] = 30.0  # class 0 certain at both locations of level 0
+            ctrness = [torch.zeros(1, 1, h, w) for h, w in sizes]
+            ctrness[0][0, 0, 0] = t[order]
+            deltas = [torch.ones(1, 4, h, w) for h, w in sizes]
+            images = ImageList(torch.zeros(1, 3, 8, 16), [(8, 16)])
+            with torch.no_grad():
+                result = model.forward_inference(images, features, (logits, deltas, ctrness))[0]
+            assert len(result) == 1
+            location = int(result.pred_boxes.get_centers()[0, 0] // 8)  # level 0: stride 8
+            kept[ranking, larger_first] = order[location]
+    assert kept["product", True] == kept["product", False] == tie + 1
+    assert {kept["score", True], kept["score", False]} == {tie, tie + 1}

@@ -42,6 +42,23 @@ def test_benchmark_on_cuda(tmp_path):
     assert "CPU" not in _benchmark(tmp_path, "cuda").splitlines()[0]
 
 
+def test_benchmark_runs_exported_models_beside_eager_on_the_same_input(tmp_path):
+    out = tmp_path / "runtimes.json"
+    student = os.path.join(REPO, "configs", "quickstart", "student.yaml")
+    proc = run_tool("benchmark.py", "--configs", f"{student}:low", "--runtimes", "onnxruntime",
+                    "torchscript", "--size", 128, 160, "--runs", 2, "--warmup", 0, "--batch", 1,
+                    "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["runtime"] for r in rows] == ["eager", "onnxruntime", "torchscript"]
+    assert all(r["input"] == [64, 80] for r in rows)  # the half-size input, for every runtime
+    assert all(r["latency_ms_p90"] >= r["latency_ms_median"] > 0 for r in rows)
+    assert "vs eager" in proc.stdout and "onnxruntime" in proc.stdout
+    proc = run_tool("benchmark.py", "--configs", student, "--runtimes", "onnxruntime",
+                    "--batch", 4)
+    assert proc.returncode != 0 and "--batch 1" in proc.stderr
+
+
 def test_benchmark_names_a_missing_config():
     proc = run_tool("benchmark.py", "--configs", "configs/none.yaml")
     assert proc.returncode != 0 and "configs/none.yaml" in proc.stderr

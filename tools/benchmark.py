@@ -136,7 +136,7 @@ def measure_one(args):
         "config": args.one, "model": cfg.MODEL.META_ARCHITECTURE, "runtime": "eager",
         "input": list(size),
         "latency_ms_median": 1000 * statistics.median(latency),
-        "latency_ms_p90": 1000 * sorted(latency)[math.ceil(0.9 * len(latency)) - 1],
+        "latency_ms_p90": 1000 * msad_runtime.p90(latency),
         "images_per_s": args.batch / statistics.median(throughput),
         "peak_memory_mb": peak_memory_mb(device),  # inference, before any training step
     }
@@ -173,8 +173,10 @@ def export_one(args, cfg, model, config, input_scale, size):
     image = (np.random.default_rng(0).random((*size, 3)) * 255).astype(np.uint8)
     image_path = os.path.join(args.workdir, "input.png")
     cv2.imwrite(image_path, image)
+    # No test resize: the exported model is timed on the image eager PyTorch is given.
     predictor = predictor_for_export(config, os.path.join(weights, "model.pth"),
-                                     ["MODEL.SLIMMABLE.PRETRAINED", ""], input_scale)
+                                     ["MODEL.SLIMMABLE.PRETRAINED", "", "INPUT.MIN_SIZE_TEST", 0],
+                                     input_scale)
     folder = os.path.join(args.workdir, "exported")
     export(predictor, EXPORT_FORMATS[args.runtime], folder, image)
     print(json.dumps({"export": folder, "image": image_path,
@@ -244,8 +246,9 @@ def main():
         if scale not in ("full", "low"):
             parser.error(f"--configs {spec}: the suffix after ':' can only be 'low'")
     exported = [r for r in args.runtimes if r != "eager"]
-    if exported and (args.device != "cpu" or args.train):
-        parser.error("--runtimes: the exported models are measured on the CPU, without --train")
+    if exported and (args.device != "cpu" or args.train or args.batch != 1):
+        parser.error("--runtimes: the exported models take one image and are measured on the "
+                     "CPU: use them with --device cpu --batch 1, without --train")
     for runtime in exported:
         try:
             __import__(RUNTIME_PACKAGES[runtime])

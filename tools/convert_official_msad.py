@@ -37,6 +37,7 @@ from msad.official import (ROLES, WIDTH_LIST, checkpoint_num_classes, checkpoint
 from msad.predictor import MODEL_INFO, write_model_info  # noqa: E402
 
 COCO_CLASSES = 80
+logger = logging.getLogger("convert_official_msad")
 # One mapping of each kind, printed as examples.
 EXAMPLES = ("backbone.bottom_up.stem.conv1.weight", "backbone.bottom_up.stem.conv1.norm.weight",
             "backbone.fpn_lateral2.weight", "head.cls_subnet.0.weight", "head.cls_score.weight",
@@ -48,7 +49,7 @@ def default_config(role, width):
     return os.path.join(REPO, "configs", "MSAD", "official", name)
 
 
-def class_metadata(num_classes):
+def class_names(num_classes):
     """COCO's names and ids (Detectron2's registration) for an 80-class model, else none."""
     return MetadataCatalog.get("coco_2017_val") if num_classes == COCO_CLASSES else Metadata()
 
@@ -98,11 +99,12 @@ def main(argv=None):
         {"model": conversion.state, "__author__": f"official MSAD {args.role}, converted by "
          f"msad from {os.path.basename(args.checkpoint)}"}, f))
     write_atomically(os.path.join(folder, TRAINING_CONFIG), "w", lambda f: f.write(cfg.dump()))
-    write_model_info(cfg, class_metadata(num_classes))
+    write_model_info(cfg, class_names(num_classes))
     print(f"Official {found} checkpoint {args.checkpoint}: width {width}, {num_classes} classes")
     if found == "student" and args.role == "teacher":
-        print("  (the teacher inside a student's file: its BatchNorm statistics kept moving "
-              "while the student trained; the official teacher file is the teacher as trained)")
+        logger.warning("This is the teacher inside a student's file: its BatchNorm statistics "
+                       "kept moving while the student trained; the official teacher file is the "
+                       "teacher as trained")
     print(f"Mapped {len(conversion.mapped)} tensors onto {type(model).__name__} "
           f"({sum(v.numel() for v in conversion.state.values()) / 1e6:.1f} M values), e.g.")
     for ours in EXAMPLES:

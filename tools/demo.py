@@ -40,6 +40,7 @@ import tqdm
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import msad_runtime  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
@@ -216,11 +217,10 @@ def coco_results(instances, metadata, **where):
 
 
 def latency_summary(latencies, count, seconds, unit):
-    ms = sorted(1000 * t for t in latencies)
-    p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
+    ms = [1000 * t for t in latencies]
     return (f"{count} {unit} in {seconds:.1f} s ({count / seconds:.2f} {unit}/s end to end); "
             f"model latency per {unit[:-1]}: median {statistics.median(ms):.1f} ms, "
-            f"p90 {p90:.1f} ms")
+            f"p90 {msad_runtime.p90(ms):.1f} ms")
 
 
 class Timer:

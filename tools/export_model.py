@@ -9,7 +9,8 @@ Writes ``model.onnx`` (or ``model.ts``) and ``model.json`` into --output; ``msad
 (numpy, Pillow and onnxruntime, no torch) or ``tools/demo.py --weights exported/x`` runs them.
 The graph is traced on --sample-image (default: a synthetic scene), then run on a second image
 of another shape and compared with eager PyTorch: the number of detections and the largest box
-and score differences are printed, and the export fails if they disagree beyond --tolerance.
+and score differences are printed, and the export fails (exit 1, its files kept to look into) if
+they disagree beyond --tolerance.  A folder that already holds an export is refused.
 """
 import argparse
 import json
@@ -26,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import msad_runtime  # noqa: E402
 from msad.alignment import INPUT_SCALES  # noqa: E402
 from msad.data import make_image  # noqa: E402
-from msad.export import (DEFAULT_OPSET, MODEL_FILES, agrees, check_format, compare,  # noqa: E402
-                         export, predictor_for_export)
+from msad.export import (DEFAULT_OPSET, MODEL_FILES, agrees, check_format,  # noqa: E402
+                         check_output_folder, compare, export, predictor_for_export)
 
 # The trace and check images' shapes (H, W): landscape and portrait, so that after the test
 # resize the check runs the graph at another size than it was traced at.
@@ -73,10 +74,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_format(args.format, args.opset)  # before the model is built
-        model_file = os.path.join(args.output, MODEL_FILES[args.format])
-        if os.path.exists(model_file):
-            raise FileExistsError(f"--output {args.output} already holds {MODEL_FILES[args.format]}"
-                                  ": choose another folder or remove it")
+        check_output_folder(args.output)
         sample = read(args.sample_image, "--sample-image") if args.sample_image \
             else synthetic_image(0, TRACE_SHAPE)
         check = read(args.check_image, "--check-image") if args.check_image \
@@ -97,7 +95,8 @@ def main(argv=None):
           f"{detector.backend}: {json.dumps(comparison)}")
     if not agrees(comparison, args.tolerance):
         sys.exit(f"export_model: the exported model disagrees with PyTorch beyond --tolerance "
-                 f"{args.tolerance}: {comparison}")
+                 f"{args.tolerance}: {comparison} (its files are kept in {args.output} to look "
+                 "into)")
 
 
 if __name__ == "__main__":
