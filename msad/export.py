@@ -27,7 +27,7 @@ import msad_runtime
 
 from .checkpoint import write_atomically
 from .config import inference_sizes, load_config
-from .predictor import Predictor
+from .predictor import Predictor, dataset_id_list, dataset_id_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ def metadata(predictor, fmt, postprocess, names, opset, model_file):
     cfg, model = predictor.cfg, predictor.model
     min_size, max_size = inference_sizes(cfg)
     strides = [s // model.given_factor for s in model.anchor_generator.strides]
-    ids = predictor.metadata.get("thing_dataset_id_to_contiguous_id")
     return {
         "msad_export": msad_runtime.FORMAT_VERSION,
         "file": os.path.basename(model_file),
@@ -139,8 +138,7 @@ def metadata(predictor, fmt, postprocess, names, opset, model_file):
                      "nms_thresh": model.test_nms_thresh,
                      "max_detections": model.max_detections_per_image},
         "thing_classes": list(predictor.metadata.thing_classes),
-        "thing_dataset_ids": None if ids is None else
-        [k for k, _ in sorted(ids.items(), key=lambda item: item[1])],
+        "thing_dataset_ids": dataset_id_list(predictor.metadata),
     }
 
 
@@ -160,10 +158,7 @@ def export(predictor: Predictor, fmt, output_dir, sample, postprocess=True,
     returns the model file's path (model.json is written beside it)."""
     check_format(fmt, opset)
     check_output_folder(output_dir)
-    model = predictor.model
-    if getattr(model, "teacher", None) is not None:
-        raise ValueError("the model holds its training teacher: export the detector alone "
-                         "(build it with msad.Predictor, which never attaches one)")
+    model = predictor.model  # msad.Predictor never attaches a training teacher
     image = predictor.model_input(sample)["image"]
     adapter = TracingAdapter(model, (image,), detections if postprocess else raw_outputs)
     adapter.eval()
@@ -245,11 +240,10 @@ class ExportedPredictor:
     def __init__(self, path, backend=None):
         self.detector = msad_runtime.Detector(path, backend)
         meta = self.detector.metadata
-        ids = meta["thing_dataset_ids"]
+        ids = dataset_id_mapping(meta["thing_dataset_ids"])
         self.metadata = Metadata(name=self.detector.model_path,
                                  thing_classes=meta["thing_classes"],
-                                 **({"thing_dataset_id_to_contiguous_id":
-                                     {k: i for i, k in enumerate(ids)}} if ids else {}))
+                                 **({"thing_dataset_id_to_contiguous_id": ids} if ids else {}))
 
     def __call__(self, image: np.ndarray) -> Instances:
         found = self.detector(image)

@@ -40,14 +40,23 @@ def config_value(cfg, key):
     return json.loads(json.dumps(functools.reduce(getattr, key.split("."), cfg)))
 
 
+def dataset_id_list(metadata):
+    """Class index -> the dataset's category id, as a list (None where the metadata has none)."""
+    ids = metadata.get("thing_dataset_id_to_contiguous_id")
+    return None if ids is None else [k for k, _ in sorted(ids.items(), key=lambda kv: kv[1])]
+
+
+def dataset_id_mapping(ids):
+    """The inverse of ``dataset_id_list``: Detectron2's thing_dataset_id_to_contiguous_id."""
+    return ids and {k: i for i, k in enumerate(ids)}
+
+
 def write_model_info(cfg, metadata):
     """Write OUTPUT_DIR/model_info.json for the model `cfg` trains on the dataset of `metadata`
     (Detectron2's: its class names and their ids in the dataset's files, where it has them)."""
-    ids = metadata.get("thing_dataset_id_to_contiguous_id")
     info = {"thing_classes": metadata.get("thing_classes"),
             # class index -> the dataset's category id, for COCO-format results
-            "thing_dataset_ids": None if ids is None else
-            [k for k, _ in sorted(ids.items(), key=lambda item: item[1])],
+            "thing_dataset_ids": dataset_id_list(metadata),
             "config": {key: config_value(cfg, key) for key in MUST_MATCH + MAY_DIFFER}}
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_atomically(os.path.join(cfg.OUTPUT_DIR, MODEL_INFO), "w",
@@ -93,8 +102,7 @@ def class_metadata(cfg, info):
     num_classes = cfg.MODEL.FCOS.NUM_CLASSES
     known = []
     if info:
-        ids = info["thing_dataset_ids"]
-        known.append((info["thing_classes"], ids and {k: i for i, k in enumerate(ids)}))
+        known.append((info["thing_classes"], dataset_id_mapping(info["thing_dataset_ids"])))
     for dataset in (*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN):
         metadata = MetadataCatalog.get(dataset)
         known.append((metadata.get("thing_classes"),
