@@ -98,6 +98,9 @@ def add_msad_config(cfg):
     _C.MODEL.MSAD.JOINT_WEIGHT = 0.4
     # Hidden width of the crossing-level fusion's Linear(2C -> hidden) -> ReLU -> Linear(-> 2).
     _C.MODEL.MSAD.FUSION_HIDDEN_DIM = 32
+    # What the teacher predicts from at inference: "fused" (MSAD), or a diagnostic: "hr" or
+    # "lr", one branch alone through the shared head (per-branch AP with --eval-only).
+    _C.MODEL.MSAD.TEST_BRANCH = "fused"
 
     # ---- MSAD student (msad/student.py) --------------------------------------------------
     # Distillation loss = KD_ALPHA x T^2 x warm-up x sum over aligned levels of

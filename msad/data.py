@@ -25,12 +25,6 @@ from .checkpoint import write_atomically
 
 logger = logging.getLogger(__name__)
 
-CLASSES = ("disk", "square", "triangle", "ring", "cross")
-# A base hue per class (OpenCV hue, 0-180): colour is a hint, shape decides.
-_CLASS_HUE = (0, 30, 60, 100, 140)
-DATASET_DIR = "msad_synth"
-
-
 @dataclass(frozen=True)
 class SplitSpec:
     name: str
@@ -38,41 +32,77 @@ class SplitSpec:
     seed: int
 
 
-# Sizes chosen so that the CPU quickstart trains in minutes; see tools/make_synthetic_dataset.py
-# to make a larger copy.
-SPLITS = (SplitSpec("train", 320, 0), SplitSpec("val", 80, 1))
-# At most 256 so that a native-size image pads to one 256x256 tile (msad/alignment.py).
-IMAGE_HEIGHT_RANGE = (192, 256)
-IMAGE_WIDTH_RANGE = (192, 256)
-OBJECT_SIZE_RANGE = (6, 128)  # longest side in pixels, sampled log-uniformly
-OBJECTS_PER_IMAGE = (3, 10)
-MIN_VISIBLE_FRACTION = 0.35  # more hidden than this and the object is not annotated
-BACKGROUND_SATURATION = 0.35  # share of the background noise's colour that is kept
+@dataclass(frozen=True)
+class SceneSpec:
+    """What one synthetic dataset draws: its classes, image and object sizes, and its splits."""
+
+    name: str  # registered as <name>_<split>, written under <dataset root>/<name>
+    title: str  # the COCO file's description
+    classes: tuple
+    # A base hue per class (OpenCV hue, 0-180), a hint beside the shape; None: every object
+    # gets a random hue, so that only the shape tells the classes apart.
+    class_hues: tuple
+    splits: tuple
+    image_height_range: tuple
+    image_width_range: tuple
+    object_size_range: tuple  # longest side in pixels, sampled log-uniformly
+    objects_per_image: tuple
+    min_visible_fraction: float = 0.35  # more hidden than this and the object is not annotated
+    background_saturation: float = 0.35  # share of the background noise's colour that is kept
+    clutter_lines: tuple = (3, 8)  # how many lines are drawn over the background
+
+
+# The bundled dataset.  Sizes chosen so that the CPU quickstart trains in minutes (see
+# tools/make_synthetic_dataset.py to make a larger copy); images of at most 256 pixels, so that a
+# native-size image pads to one 256x256 tile (msad/alignment.py).
+SYNTH = SceneSpec(
+    name="msad_synth", title="msad synthetic scenes", classes=("disk", "square", "triangle", "ring", "cross"),
+    class_hues=(0, 30, 60, 100, 140),
+    splits=(SplitSpec("train", 320, 0), SplitSpec("val", 80, 1)),
+    image_height_range=(192, 256), image_width_range=(192, 256),
+    object_size_range=(6, 128), objects_per_image=(3, 10))
+
+# Where low resolution hurts (tools/compare_methods.py): small objects on 128-pixel images (one
+# 128x128 tile, the teacher's padding), and pairs of classes of one hue told apart only by a
+# hole that a 2x down-sampling blurs or drops (disk/ring, square/frame).
+DETAIL = SceneSpec(
+    name="msad_detail", title="msad detail scenes", classes=("disk", "ring", "square", "frame"),
+    class_hues=(0, 0, 90, 90),
+    splits=(SplitSpec("train", 800, 10), SplitSpec("val", 200, 11)),
+    image_height_range=(112, 128), image_width_range=(112, 128),
+    object_size_range=(10, 40), objects_per_image=(3, 8), clutter_lines=(1, 4))
+
+SCENES = (SYNTH, DETAIL)
+# The bundled dataset's facts, as other modules and tests name them.
+CLASSES = SYNTH.classes
+SPLITS = SYNTH.splits
+DATASET_DIR = SYNTH.name
 
 
 def dataset_root():
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def split_paths(split, root=None):
-    base = os.path.join(root or dataset_root(), DATASET_DIR)
+def split_paths(split, root=None, scene=SYNTH):
+    base = os.path.join(root or dataset_root(), scene.name)
     return os.path.join(base, f"{split}.json"), os.path.join(base, split)
 
 
-def _background(rng, h, w):
+def _background(rng, h, w, scene):
     # Low-frequency colour noise at three scales, plus a lighting gradient and line clutter.
     img = np.zeros((h, w, 3), np.float32)
     for cells, amp in ((4, 90.0), (16, 40.0), (64, 15.0)):
         coarse = rng.uniform(-1, 1, size=(max(2, h * cells // 256), max(2, w * cells // 256), 3))
         img += amp * cv2.resize(coarse.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     # Backgrounds are far less saturated than the objects, as in most photographs.
-    img = img.mean(axis=2, keepdims=True) * (1 - BACKGROUND_SATURATION) + img * BACKGROUND_SATURATION
+    keep = scene.background_saturation
+    img = img.mean(axis=2, keepdims=True) * (1 - keep) + img * keep
     img += rng.uniform(60, 190, size=3).astype(np.float32)
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     img += (30 * (np.cos(angle) * gx / w + np.sin(angle) * gy / h))[..., None]
     img = np.clip(img, 0, 255).astype(np.uint8)
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(*scene.clutter_lines, endpoint=True))):
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
@@ -80,12 +110,11 @@ def _background(rng, h, w):
     return img
 
 
-def _shape_mask(rng, cls, size, h, w):
-    """Mask (h, w) of one object of class `cls` with longest side about `size`."""
+def _shape_mask(rng, name, size, h, w):
+    """Mask (h, w) of one object of class `name` with longest side about `size`."""
     mask = np.zeros((h, w), np.uint8)
     cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
     r = max(size / 2.0, 2.0)
-    name = CLASSES[cls]
     if name == "disk":
         cv2.ellipse(mask, (cx, cy), (int(r), int(r * rng.uniform(0.7, 1.0))),
                     float(rng.uniform(0, 180)), 0, 360, 1, -1)
@@ -93,7 +122,7 @@ def _shape_mask(rng, cls, size, h, w):
         cv2.circle(mask, (cx, cy), int(r), 1, -1)
         cv2.circle(mask, (cx, cy), int(r * 0.55), 0, -1)
     else:
-        if name == "square":
+        if name in ("square", "frame"):
             pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32) * 0.72
         elif name == "triangle":
             pts = np.array([[0, -1], [0.87, 0.5], [-0.87, 0.5]], np.float32)
@@ -105,11 +134,14 @@ def _shape_mask(rng, cls, size, h, w):
         rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], np.float32)
         poly = (pts @ rot.T) * r + np.array([cx, cy], np.float32)
         cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1, cv2.LINE_8)
+        if name == "frame":  # the square with the ring's hole: a square one
+            hole = (poly - np.array([cx, cy], np.float32)) * 0.55 + np.array([cx, cy], np.float32)
+            cv2.fillPoly(mask, [np.round(hole).astype(np.int32)], 0, cv2.LINE_8)
     return mask.astype(bool)
 
 
-def _texture(rng, cls, h, w):
-    hue = (_CLASS_HUE[cls] + int(rng.integers(-12, 13))) % 180
+def _texture(rng, base_hue, h, w):
+    hue = (base_hue + int(rng.integers(-12, 13))) % 180
     hsv = np.empty((h, w, 3), np.float32)
     hsv[..., 0] = hue
     hsv[..., 1] = rng.uniform(120, 255)
@@ -119,26 +151,27 @@ def _texture(rng, cls, h, w):
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)
 
 
-def make_image(rng, image_id):
+def make_image(rng, image_id, scene=SYNTH):
     """One scene: BGR image and its COCO annotations (boxes of the visible parts)."""
-    h = int(rng.integers(*IMAGE_HEIGHT_RANGE, endpoint=True))
-    w = int(rng.integers(*IMAGE_WIDTH_RANGE, endpoint=True))
-    img = _background(rng, h, w)
+    h = int(rng.integers(*scene.image_height_range, endpoint=True))
+    w = int(rng.integers(*scene.image_width_range, endpoint=True))
+    img = _background(rng, h, w, scene)
     owner = np.full((h, w), -1, np.int32)  # index of the object visible at each pixel
     objects = []
-    lo, hi = (math.log(s) for s in OBJECT_SIZE_RANGE)
-    for k in range(int(rng.integers(*OBJECTS_PER_IMAGE, endpoint=True))):
-        cls = int(rng.integers(len(CLASSES)))
-        mask = _shape_mask(rng, cls, math.exp(rng.uniform(lo, hi)), h, w)
+    lo, hi = (math.log(s) for s in scene.object_size_range)
+    for k in range(int(rng.integers(*scene.objects_per_image, endpoint=True))):
+        cls = int(rng.integers(len(scene.classes)))
+        mask = _shape_mask(rng, scene.classes[cls], math.exp(rng.uniform(lo, hi)), h, w)
         if mask.sum() < 4:
             continue
-        img[mask] = _texture(rng, cls, h, w)[mask]
+        hue = scene.class_hues[cls] if scene.class_hues else int(rng.integers(180))
+        img[mask] = _texture(rng, hue, h, w)[mask]
         owner[mask] = k
         objects.append((k, cls, int(mask.sum())))
     annotations = []
     for k, cls, full_area in objects:
         ys, xs = np.nonzero(owner == k)
-        if len(xs) == 0 or len(xs) < MIN_VISIBLE_FRACTION * full_area:
+        if len(xs) == 0 or len(xs) < scene.min_visible_fraction * full_area:
             continue
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         annotations.append({"image_id": image_id, "category_id": cls + 1, "iscrowd": 0,
@@ -147,13 +180,13 @@ def make_image(rng, image_id):
     return img, annotations
 
 
-def generate_split(json_file, image_dir, num_images, seed, progress=None):
-    """Write `num_images` scenes as JPEGs plus a COCO JSON; deterministic in `seed`."""
+def generate_split(json_file, image_dir, num_images, seed, progress=None, scene=SYNTH):
+    """Write `num_images` scenes of `scene` as JPEGs plus a COCO JSON; deterministic in `seed`."""
     os.makedirs(image_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for i in range(num_images):
-        img, anns = make_image(rng, i + 1)
+        img, anns = make_image(rng, i + 1, scene)
         file_name = f"{i + 1:06d}.jpg"
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:
@@ -167,16 +200,16 @@ def generate_split(json_file, image_dir, num_images, seed, progress=None):
             annotations.append(a)
         if progress:
             progress(i + 1, num_images)
-    coco = {"info": {"description": f"msad synthetic scenes, seed {seed}"},
+    coco = {"info": {"description": f"{scene.title}, seed {seed}"},
             "images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(scene.classes)]}
     # Written last and atomically: a JSON on disk means the split is complete.
     write_atomically(json_file, "w", lambda f: json.dump(coco, f, sort_keys=True))
     return coco
 
 
-def ensure_split(spec: SplitSpec, root=None):
-    json_file, image_dir = split_paths(spec.name, root)
+def ensure_split(spec: SplitSpec, root=None, scene=SYNTH):
+    json_file, image_dir = split_paths(spec.name, root, scene)
     if os.path.exists(json_file):
         return json_file, image_dir
     os.makedirs(os.path.dirname(json_file), exist_ok=True)
@@ -184,9 +217,9 @@ def ensure_split(spec: SplitSpec, root=None):
     with open(os.path.join(os.path.dirname(json_file), f".{spec.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(json_file):
-            logger.info("Generating the synthetic %s split (%d images) in %s",
-                        spec.name, spec.num_images, os.path.dirname(json_file))
-            generate_split(json_file, image_dir, spec.num_images, spec.seed)
+            logger.info("Generating the synthetic %s split of %s (%d images) in %s",
+                        spec.name, scene.name, spec.num_images, os.path.dirname(json_file))
+            generate_split(json_file, image_dir, spec.num_images, spec.seed, scene=scene)
     return json_file, image_dir
 
 
@@ -216,20 +249,22 @@ def register_coco_checked(name, json_file, image_root):
 
 
 def register_synthetic(root=None):
-    """Register ``msad_synth_{train,val}``; their files are generated when first loaded."""
-    for spec in SPLITS:
-        name = f"msad_synth_{spec.name}"
-        if name in DatasetCatalog.list():
-            continue
-        json_file, image_dir = split_paths(spec.name, root)
+    """Register ``<scene>_{train,val}`` of every scene (``msad_synth``, ``msad_detail``); their
+    files are generated when first loaded."""
+    for scene in SCENES:
+        for spec in scene.splits:
+            name = f"{scene.name}_{spec.name}"
+            if name in DatasetCatalog.list():
+                continue
+            json_file, image_dir = split_paths(spec.name, root, scene)
 
-        def load(spec=spec, name=name):
-            json_file, image_dir = ensure_split(spec, root)
-            return load_coco_checked(json_file, image_dir, name)
+            def load(spec=spec, name=name, scene=scene):
+                json_file, image_dir = ensure_split(spec, root, scene)
+                return load_coco_checked(json_file, image_dir, name)
 
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_dir,
-                                      evaluator_type="coco", thing_classes=list(CLASSES))
+            DatasetCatalog.register(name, load)
+            MetadataCatalog.get(name).set(json_file=json_file, image_root=image_dir,
+                                          evaluator_type="coco", thing_classes=list(scene.classes))
 
 
 def check_coco_instances_entry(entry):

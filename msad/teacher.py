@@ -9,11 +9,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
 from fvcore.nn import weight_init
 from torch import nn
 
 from .alignment import Branch, level_shift, shift_levels
 from .fcos import AlignedFCOS
+
+# What the teacher's inference can predict from (MODEL.MSAD.TEST_BRANCH).
+TEST_BRANCHES = ("fused", "hr", "lr")
 
 
 class CrossLevelFusion(nn.Module):
@@ -35,8 +39,9 @@ class CrossLevelFusion(nn.Module):
         pooled = torch.cat([hr, lr], dim=1).mean(dim=(2, 3))
         return F.softmax(self.fc2(F.relu(self.fc1(pooled))), dim=1)
 
-    def forward(self, hr, lr):
-        w = self.weights(hr, lr)
+    def forward(self, hr, lr, weights=None):
+        """The mix of `hr` and `lr` by their ``weights`` (computed here unless given)."""
+        w = self.weights(hr, lr) if weights is None else weights
         return w[:, 0, None, None, None] * hr + w[:, 1, None, None, None] * lr
 
 
@@ -48,12 +53,19 @@ class MultiScaleTeacher(AlignedFCOS):
     Args:
         joint_weight: weight of the loss on the fused features (HR and LR losses weigh 1).
         fusion_hidden_dim: hidden width of each ``CrossLevelFusion``.
+        test_branch: what inference predicts from: "fused", or one branch alone ("hr", "lr"),
+            a diagnostic of what each branch has learnt.
         **kwargs: ``AlignedFCOS``'s, with two branches: the HR one first.
     """
 
     @configurable
-    def __init__(self, *, joint_weight: float, fusion_hidden_dim: int, **kwargs):
+    def __init__(self, *, joint_weight: float, fusion_hidden_dim: int, test_branch="fused",
+                 **kwargs):
         super().__init__(**kwargs)
+        if test_branch not in TEST_BRANCHES:
+            raise ValueError(f"MODEL.MSAD.TEST_BRANCH must be one of {TEST_BRANCHES}, "
+                             f"got {test_branch!r}")
+        self.test_branch = test_branch
         self.joint_weight = joint_weight
         channels = self.backbone.output_shape()[self.branches[0].levels[0]].channels
         self.fusion = nn.ModuleList(
@@ -67,12 +79,24 @@ class MultiScaleTeacher(AlignedFCOS):
         lr_levels = shift_levels(hr.levels, -level_shift(lr_factor, "MODEL.MSAD.LR_FACTOR"))
         kwargs["branches"] = [hr, Branch(hr.factor * lr_factor, tuple(lr_levels))]
         return dict(kwargs, joint_weight=cfg.MODEL.MSAD.JOINT_WEIGHT,
-                    fusion_hidden_dim=cfg.MODEL.MSAD.FUSION_HIDDEN_DIM)
+                    fusion_hidden_dim=cfg.MODEL.MSAD.FUSION_HIDDEN_DIM,
+                    test_branch=cfg.MODEL.MSAD.TEST_BRANCH)
 
     def head_features(self, branch_levels):
-        """Each aligned HR/LR pair, fused."""
+        """Each aligned HR/LR pair, fused (or, at inference, one branch: ``test_branch``).  In
+        training, the mean HR weight of each level's fusion goes to the event storage
+        (``fusion_hr_weight/<level>`` in metrics.json)."""
         hr, lr = branch_levels
-        return [fuse(h, l) for fuse, h, l in zip(self.fusion, hr, lr)]
+        if not self.training and self.test_branch != "fused":
+            return hr if self.test_branch == "hr" else lr
+        fused = []
+        for name, fuse, h, l in zip(self.full_resolution_levels, self.fusion, hr, lr):
+            weights = fuse.weights(h, l)
+            if self.training:
+                get_event_storage().put_scalar(f"fusion_hr_weight/{name}",
+                                               weights[:, 0].mean().item())
+            fused.append(fuse(h, l, weights))
+        return fused
 
     def detection_losses(self, images, features, predictions, gt_instances):
         """HR + LR + JOINT_WEIGHT x fused; the three share one grid, so targets are assigned once."""

@@ -30,7 +30,6 @@ resized as COCO is (shorter side 800).  --width, --iters (the schedule scaled al
 import argparse
 import json
 import os
-import re
 import statistics
 import shutil
 import signal
@@ -62,6 +61,7 @@ import msad  # noqa: E402,F401
 from msad.config import load_config  # noqa: E402
 from msad.convert import to_coco_file  # noqa: E402
 from msad.data import register_coco_from_config  # noqa: E402
+from msad.pipeline import progress_of, schedule_overrides  # noqa: E402
 from msad.predictor import Predictor  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
@@ -113,7 +113,6 @@ def pipeline(thumbnail_factor=4, thumbnails=True):
 
 MACS_SIZE = (256, 256)  # every bundled image pads to one 256x256 tile
 METRICS = ("AP", "APs", "APm", "APl")
-ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
 
 
 def fmt(seconds):
@@ -158,11 +157,9 @@ def train(tag, script, config, opts, log_path, progress):
         try:
             for line in proc.stdout:
                 log.write(line)
-                match = ETA_LINE.search(line)
-                if match:
-                    days, h, m, s, it = (int(g or 0) for g in match.groups())
-                    progress(tag, int(it) + 1, max_iter, days * 86400 + h * 3600 + m * 60 + s,
-                             time.time() - start)
+                found = progress_of(line)
+                if found:
+                    progress(tag, found[0], max_iter, found[1], time.time() - start)
         except BaseException:  # Ctrl-C, SIGTERM: do not leave the training running alone
             proc.kill()
             proc.wait()
@@ -280,17 +277,6 @@ def own_data_overrides(args, output):
           f"(largest val image side {longest})", flush=True)
     return ["DATASETS.COCO_INSTANCES", repr(entries), "DATASETS.TRAIN", "('own_train',)",
             "DATASETS.TEST", "('own_val',)", "MODEL.FCOS.NUM_CLASSES", str(len(names)), *sizes]
-
-
-def schedule_overrides(iters):
-    """The quickstart's 600-iteration schedule scaled to `iters`: LR step, warm-ups and
-    checkpoints at the same fractions."""
-    def at(fraction):
-        return str(max(1, round(iters * fraction)))
-
-    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({at(5 / 6)},)",
-            "SOLVER.WARMUP_ITERS", at(1 / 12), "SOLVER.CHECKPOINT_PERIOD", at(1 / 3),
-            "MODEL.MSAD.KD_WARMUP_ITERS", at(1 / 6), "MODEL.THUMBDET.WARMUP_ITERS", at(1 / 6)]
 
 
 def macs_size(cfg, val):

@@ -1,0 +1,27 @@
+"""What the tools that train several models one after another share (tools/quickstart.py,
+tools/compare_methods.py): the quickstart schedule scaled to another length, and reading a
+training's progress from Detectron2's log lines."""
+import re
+
+# Detectron2's CommonMetricPrinter line: "eta: [N day, ]H:MM:SS  iter: I ...".
+ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
+
+
+def progress_of(line):
+    """(iterations done, seconds left) from one Detectron2 log line, or None."""
+    match = ETA_LINE.search(line)
+    if not match:
+        return None
+    days, h, m, s, it = (int(g or 0) for g in match.groups())
+    return it + 1, days * 86400 + h * 3600 + m * 60 + s
+
+
+def schedule_overrides(iters):
+    """The quickstart's 600-iteration schedule scaled to `iters`: LR step, warm-ups and
+    checkpoints at the same fractions."""
+    def at(fraction):
+        return str(max(1, round(iters * fraction)))
+
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({at(5 / 6)},)",
+            "SOLVER.WARMUP_ITERS", at(1 / 12), "SOLVER.CHECKPOINT_PERIOD", at(1 / 3),
+            "MODEL.MSAD.KD_WARMUP_ITERS", at(1 / 6), "MODEL.THUMBDET.WARMUP_ITERS", at(1 / 6)]

@@ -1,0 +1,181 @@
+"""The method benchmark: its statistics on known numbers, which models a rerun trains, the
+scheduler's order, and the report."""
+import json
+import os
+
+import pytest
+
+from msad import compare
+from msad.paired import paired_difference, t_quantile, verdict
+
+
+@pytest.mark.parametrize("dof, quantile", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764),
+                                           (9, 2.2622), (10, 2.2281), (30, 2.0423)])
+def test_t_quantile_matches_the_tables(dof, quantile):
+    assert t_quantile(0.95, dof) == pytest.approx(quantile, abs=1e-4)
+
+
+def test_t_quantile_of_other_confidences():
+    assert t_quantile(0.99, 4) == pytest.approx(4.6041, abs=1e-4)
+    assert t_quantile(0.90, 7) == pytest.approx(1.8946, abs=1e-4)
+    with pytest.raises(ValueError, match="confidence"):
+        t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile(0.95, 0)
+
+
+def test_paired_interval_on_known_numbers():
+    # Differences 1, 2, 3, 4, 5: mean 3, sample std sqrt(2.5), t(0.975, 4) = 2.7764.
+    d = paired_difference([11, 12, 13, 14, 15], [10, 10, 10, 10, 10])
+    half = 2.7764451 * 2.5 ** 0.5 / 5 ** 0.5
+    assert d["n"] == 5 and d["mean"] == 3 and d["std"] == pytest.approx(2.5 ** 0.5)
+    assert (d["low"], d["high"]) == pytest.approx((3 - half, 3 + half))
+    assert d["differences"] == [1, 2, 3, 4, 5]
+    assert verdict(d) == "above 0"
+    assert verdict(paired_difference([1, 2, 3], [2, 4, 5])) == "below 0"
+    assert verdict(paired_difference([1, 3, 2], [2, 2, 2])) == "includes 0"
+    one = paired_difference([1.5], [1.0])
+    assert one["mean"] == 0.5 and one["low"] is None and verdict(one) == "one seed"
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([1, 2], [1])
+
+
+def test_pairing_removes_what_the_seed_puts_into_both():
+    """Seeds that move both models by the same amount leave the difference exact."""
+    seed_effect = [0.0, 5.0, -3.0, 2.0, 8.0]
+    d = paired_difference([20 + e + 1 for e in seed_effect], [20 + e for e in seed_effect])
+    assert d["mean"] == pytest.approx(1) and d["std"] == pytest.approx(0, abs=1e-12)
+
+
+def test_copypaste_metrics_reads_the_last_evaluation():
+    log = "\n".join(["x copypaste: Task: bbox", "x copypaste: AP,AP50,AP75,APs,APm,APl",
+                     "x copypaste: 1.0,2.0,3.0,4.0,nan,nan", "noise",
+                     "x copypaste: Task: bbox", "x copypaste: AP,AP50,AP75,APs,APm,APl",
+                     "x copypaste: 5.5,6.0,7.0,8.0,9.0,nan"])
+    assert compare.copypaste_metrics(log) == {"AP": 5.5, "AP50": 6.0, "AP75": 7.0, "APs": 8.0,
+                                              "APm": 9.0, "APl": None}
+    assert compare.copypaste_metrics("no evaluation") is None
+
+
+class FakeRun:
+    """Stands for a training: finishes at its second poll, writing a result whose AP is known."""
+
+    log = []
+
+    def __init__(self, job, ap, fail=False):
+        self.job, self.ap, self.fail, self.polls = job, ap, fail, 0
+        FakeRun.log.append(("start", job.seed, job.model.name))
+
+    def poll(self):
+        self.polls += 1
+        if self.polls < 2:
+            return None
+        if self.fail:
+            return 3
+        FakeRun.log.append(("end", self.job.seed, self.job.model.name))
+        result = {"seed": self.job.seed, "model": self.job.model.name, "seconds": 0.0,
+                  "metrics": {"AP": self.ap, "APs": self.ap - 1, "AP50": self.ap * 2},
+                  "evals": {"hr": {"AP": self.ap - 0.5, "APs": 0.0, "AP50": 0.0}}
+                  if self.job.model.evals else {},
+                  "scalars": {"fusion_hr_weight/p3": 0.8} if self.job.model.evals else {}}
+        with open(os.path.join(self.job.directory, compare.RESULT), "w") as f:
+            json.dump(result, f)
+        return 0
+
+    def progress(self):
+        return None
+
+    def kill(self):
+        pass
+
+
+# AP = base of the model + the seed's effect (the same for every model of a seed) + noise.
+BASE = {"hr": 20.0, "teacher": 22.0, "lr": 12.0, "lr_long": 13.0, "lr_teacher_init": 17.0,
+        "student": 18.0}
+NOISE = [0.1, -0.2, 0.0, 0.3, -0.2]  # sums to 0
+
+
+def fake_start(fail=()):
+    def start(job):
+        return FakeRun(job, BASE[job.model.name] + 3 * job.seed + NOISE[job.seed] *
+                       (job.model.name == "student"), fail=job.tag in fail)
+    return start
+
+
+def core_models():
+    return [m for m in compare.MODELS if m.name in BASE]
+
+
+def test_scheduler_starts_a_model_after_what_it_starts_from(tmp_path):
+    FakeRun.log = []
+    jobs = compare.plan(core_models(), [0, 1], str(tmp_path))
+    assert compare.run_jobs(jobs, fake_start(), parallel=3, report=lambda s: None,
+                            poll_every=0) == []
+    for seed in (0, 1):
+        end_teacher = FakeRun.log.index(("end", seed, "teacher"))
+        for name in ("student", "lr_teacher_init"):
+            assert FakeRun.log.index(("start", seed, name)) > end_teacher
+    assert all(compare.is_finished(j) for j in jobs)
+
+
+def test_a_rerun_trains_only_what_is_missing_and_what_starts_from_it(tmp_path):
+    jobs = compare.plan(core_models(), [0, 1, 2], str(tmp_path))
+    assert compare.to_run(jobs) == jobs
+    failed = compare.run_jobs(jobs, fake_start(fail={"seed 1 teacher"}), parallel=1,
+                              report=lambda s: None, poll_every=0)
+    assert failed == ["seed 1 teacher"]  # and nothing was started after it
+    done = {(j.seed, j.model.name) for j in jobs if compare.is_finished(j)}
+    assert done == {(0, m.name) for m in core_models()} | {(1, "hr")}
+    todo = compare.to_run(jobs)
+    assert {(j.seed, j.model.name) for j in todo} == {
+        (j.seed, j.model.name) for j in jobs} - done
+    # A finished student whose teacher is trained again is trained again too.
+    os.remove(os.path.join(jobs[1].directory, compare.RESULT))  # seed 0's teacher
+    again = {(j.seed, j.model.name) for j in compare.to_run(jobs[:len(core_models())])}
+    assert again == {(0, "teacher"), (0, "lr_teacher_init"), (0, "student")}
+    FakeRun.log = []
+    assert compare.run_jobs(compare.to_run(jobs), fake_start(), parallel=2,
+                            report=lambda s: None, poll_every=0) == []
+    assert ("start", 0, "hr") not in FakeRun.log  # kept
+    assert all(compare.is_finished(j) for j in jobs)
+
+
+def test_summary_gives_each_comparison_its_paired_interval(tmp_path):
+    seeds = [0, 1, 2, 3, 4]
+    jobs = compare.plan(core_models(), seeds, str(tmp_path))
+    compare.run_jobs(jobs, fake_start(), parallel=2, report=lambda s: None, poll_every=0)
+    summary = compare.summarise(compare.read_results(jobs), seeds)
+    rows = {(r["a"], r["b"]): r for r in summary["comparisons"]}
+    assert ("thumbdet_4x", "bicubic_4x") not in rows  # not trained: not reported
+    distill = rows[("student", "lr_teacher_init")]["AP"]
+    want = paired_difference([18 + 3 * s + NOISE[s] for s in seeds], [17 + 3 * s for s in seeds])
+    assert distill["mean"] == pytest.approx(1.0) and distill["low"] == pytest.approx(want["low"])
+    assert distill["verdict"] == "above 0"
+    assert rows[("lr", "hr")]["AP"]["mean"] == pytest.approx(-8)
+    assert rows[("lr", "hr")]["AP"]["std"] == pytest.approx(0, abs=1e-9)  # the seed cancels
+    assert rows[("teacher:hr", "hr")]["AP"]["mean"] == pytest.approx(1.5)
+    assert summary["models"]["teacher"]["fusion_hr_weight"] == {"fusion_hr_weight/p3": 0.8}
+    assert summary["models"]["hr"]["AP_all"] == [20.0, 23.0, 26.0, 29.0, 32.0]
+    table = compare.markdown(summary, {m.name: m.label for m in compare.MODELS})
+    assert "| distillation alone (student - LR FCOS, teacher init) | 5 | +1.00 [" in table
+    assert "MSAD teacher (HR branch alone)" in table and "p3 0.80" in table
+    path = compare.plot(summary, str(tmp_path / "compare.png"), "test")
+    assert os.path.getsize(path) > 10_000
+
+
+def test_plan_needs_what_a_model_starts_from(tmp_path):
+    student = [m for m in compare.MODELS if m.name == "student"]
+    with pytest.raises(ValueError, match=r"student starts from \['teacher'\]"):
+        compare.plan(student, [0], str(tmp_path))
+
+
+def test_job_overrides_set_seed_output_weights_and_scaled_schedule(tmp_path):
+    lr_long = next(m for m in compare.MODELS if m.name == "lr_long")
+    student = next(m for m in compare.MODELS if m.name == "student")
+    job = compare.Job(3, student, str(tmp_path / "seed3" / "student"))
+    opts = compare.job_overrides(job, ("A", "1"), iters=100)
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    assert pairs["A"] == "1" and pairs["SEED"] == "3" and pairs["SOLVER.MAX_ITER"] == "100"
+    assert pairs["MODEL.TEACHER.WEIGHTS"] == str(tmp_path / "seed3" / "teacher" / "model_final.pth")
+    long_opts = compare.job_overrides(compare.Job(0, lr_long, str(tmp_path)), (), iters=100)
+    assert dict(zip(long_opts[::2], long_opts[1::2]))["SOLVER.MAX_ITER"] == "200"

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""The method benchmark: paired seeds, each seed training every model, and for each comparison
+the mean difference with its t-interval over the seeds.
+
+    python tools/compare_methods.py [--seeds 5] [--first-seed 0] [--jobs 2] [--iters 900]
+        [--protocol detail|synth] [--models hr teacher ...] [--output output/compare]
+        [--report-only] [CONFIG OVERRIDES for every model]
+
+Models (configs/quickstart/ with the protocol's dataset and schedule): hr, teacher (also
+evaluated per branch, HR and LR alone), lr, lr_long (the LR FCOS trained as many iterations as
+teacher + student), lr_teacher_init, student, bicubic_4x, thumbdet_4x.  The comparisons whose
+two models are trained are reported: LR - HR (what there is to recover), teacher - HR,
+student - teacher-initialised LR FCOS (distillation alone), student - LR FCOS, and the rest
+(msad/compare.py COMPARISONS).  --jobs trainings run at once, each on its share of the CPU
+threads.  A rerun keeps every finished model (its result.json) and trains the rest.  Writes
+into --output: seed<S>/<model>/ (each Detectron2 output directory, its log beside it),
+compare.json (every seed's metrics, the differences and intervals), compare.md (the tables)
+and compare.png (the differences, one dot per seed, with their intervals).
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from msad.compare import (MODEL_NAMES, MODELS, PROTOCOLS, Run, job_overrides, markdown, plan,
+                          plot, read_results, run_jobs, summarise, to_run)
+
+DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student")
+
+
+def main(argv=None):
+    # SIGTERM unwinds like Ctrl-C, so the running trainings are stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="output/compare")
+    parser.add_argument("--seeds", type=int, default=5, help="how many seeds (at least 2)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of each training (default: the cores / --jobs)")
+    parser.add_argument("--iters", type=int, default=900,
+                        help="iterations per model (the quickstart schedule scaled to it); "
+                        "0 keeps the configs' own")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="detail",
+                        help="the dataset (and its settings) every model trains on")
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=DEFAULT_MODELS)
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished models, train nothing")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="config overrides for every model, e.g. SOLVER.BASE_LR 0.01")
+    args = parser.parse_args(argv)
+    if args.overrides[:1] == ["--"]:
+        args.overrides = args.overrides[1:]
+    misplaced = [a for a in args.overrides if a.startswith("--")]
+    if misplaced:
+        parser.error(f"options go before the config overrides: {misplaced}")
+    if len(args.overrides) % 2:
+        parser.error(f"config overrides come in KEY VALUE pairs, got {args.overrides}")
+    for key, flag in (("SEED", "--first-seed/--seeds"), ("OUTPUT_DIR", "--output")):
+        if key in args.overrides[::2]:
+            parser.error(f"set {key} with {flag}: the tool gives each model its own")
+    if args.seeds < 2:
+        parser.error(f"--seeds must be at least 2 (an interval needs a spread), got {args.seeds}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be 0 or more, got {args.first_seed}")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
+    if args.iters < 0:
+        parser.error(f"--iters must be 0 or more, got {args.iters}")
+    models = [m for m in MODELS if m.name in args.models]
+    output = os.path.abspath(args.output)  # the training scripts run from the repository
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    try:
+        jobs = plan(models, seeds, output)
+    except ValueError as e:
+        parser.error(str(e))
+    settings = {"protocol": args.protocol, "iters": args.iters, "overrides": args.overrides}
+    settings_file = os.path.join(output, "settings.json")
+    if os.path.isfile(settings_file):
+        with open(settings_file) as f:
+            earlier = json.load(f)
+        if earlier != settings:
+            raise SystemExit(f"compare_methods: {output} holds models trained with {earlier}, "
+                             f"not {settings}: choose another --output")
+    os.makedirs(output, exist_ok=True)
+    with open(settings_file, "w") as f:
+        json.dump(settings, f, indent=2)
+
+    if not args.report_only:
+        todo = to_run(jobs)
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} models already trained in {output}; "
+              f"training {len(todo)}, {args.jobs} at a time", flush=True)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        opts = [*PROTOCOLS[args.protocol], *args.overrides]
+
+        def start(job):
+            return Run(job, job_overrides(job, opts, args.iters), threads)
+
+        failed = run_jobs(todo, start, args.jobs, report=lambda line: print(line, flush=True))
+        if failed:
+            raise SystemExit(f"compare_methods: {', '.join(failed)} failed")
+
+    summary = summarise(read_results(jobs), seeds)
+    labels = {m.name: m.label for m in MODELS}
+    table = markdown(summary, labels)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    summary.update(settings=settings, written=stamp, cpu_count=os.cpu_count())
+    with open(os.path.join(output, "compare.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(output, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    written = [os.path.join(output, name) for name in ("compare.json", "compare.md")]
+    if summary["comparisons"]:
+        written.append(plot(summary, os.path.join(output, "compare.png"),
+                            f"Paired differences over seeds {seeds} ({args.protocol}, "
+                            f"{args.iters or 'config'} iterations), "
+                            f"{round(summary['confidence'] * 100)} % t-intervals"))
+    print(table)
+    print(f"Wrote {', '.join(written)}")
+
+
+if __name__ == "__main__":
+    main()
