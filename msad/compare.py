@@ -10,6 +10,8 @@ CPU threads.
 """
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,7 @@ class Model(NamedTuple):
     # Extra --eval-only runs of the trained model, {name: overrides}: reported as model:name.
     evals: Dict[str, Tuple[str, ...]] = {}
     iter_scale: int = 1  # trains this many times the protocol's iterations
+    variant_of: str = ""  # the model this one varies (parse_variant)
 
 
 def quickstart(name):
@@ -81,6 +84,55 @@ PROTOCOLS = {
     "synth": ("DATALOADER.NUM_WORKERS", "0"),
 }
 RESULT = "result.json"
+
+
+def parse_variant(spec: str, models: List[Model]) -> Model:
+    """A variant of a model: "NAME=BASE [xK] [KEY=SOURCE ...] [KEY VALUE ...]".
+
+    xK trains K times the iterations; KEY=SOURCE takes that config key's weights from another
+    model (e.g. MODEL.TEACHER.WEIGHTS=teacher_lr01, a teacher variant); KEY VALUE pairs are
+    config overrides of this model alone.  The variant is named NAME and compared with BASE and
+    with what BASE is compared with."""
+    tokens = shlex.split(spec)
+    name, _, base_name = (tokens[0] if tokens else "").partition("=")
+    by_name = {m.name: m for m in models}
+    if not name or base_name not in by_name:
+        raise ValueError(f"--variant {spec!r}: it starts NAME=BASE with BASE one of "
+                         f"{sorted(by_name)}")
+    if name in by_name:
+        raise ValueError(f"--variant {spec!r}: the name {name} is taken")
+    base = by_name[base_name]
+    sources, opts, iter_scale, rest = dict(base.sources), [], base.iter_scale, tokens[1:]
+    while rest:
+        token = rest.pop(0)
+        if re.fullmatch(r"x\d+", token):
+            iter_scale = base.iter_scale * int(token[1:])
+        elif "=" in token:
+            key, _, source = token.partition("=")
+            if source not in by_name:
+                raise ValueError(f"--variant {spec!r}: {key} takes weights from {source!r}, "
+                                 f"which is not a model here ({sorted(by_name)})")
+            sources[key] = source
+        elif rest:
+            opts += [token, rest.pop(0)]
+        else:
+            raise ValueError(f"--variant {spec!r}: config override {token} has no value")
+    return base._replace(name=name, label=f"{base.label} [{name}]", sources=sources,
+                         opts=base.opts + tuple(opts), iter_scale=iter_scale, variant_of=base.name)
+
+
+def variant_comparisons(models: List[Model], comparisons=COMPARISONS):
+    """The comparisons, plus for each variant: variant - its base, and the base's comparisons
+    with the variant in its place."""
+    out = list(comparisons)
+    for m in models:
+        if not m.variant_of:
+            continue
+        out.append((m.name, m.variant_of, f"{m.name} - {m.variant_of}"))
+        for a, b, what in comparisons:
+            if a.split(":")[0] == m.variant_of:
+                out.append((m.name + a[len(m.variant_of):], b, f"{what} [{m.name}]"))
+    return out
 
 
 class Job(NamedTuple):

@@ -101,6 +101,10 @@ def add_msad_config(cfg):
     # What the teacher predicts from at inference: "fused" (MSAD), or a diagnostic: "hr" or
     # "lr", one branch alone through the shared head (per-branch AP with --eval-only).
     _C.MODEL.MSAD.TEST_BRANCH = "fused"
+    # One set of BatchNorm running statistics per branch in the teacher's backbone (affine
+    # weights shared): the HR and LR passes no longer blend their statistics into one.  A
+    # student started from such a teacher takes its LR branch's statistics.
+    _C.MODEL.MSAD.BRANCH_BN = False
 
     # ---- MSAD student (msad/student.py) --------------------------------------------------
     # Distillation loss = KD_ALPHA x T^2 x warm-up x sum over aligned levels of
@@ -109,6 +113,15 @@ def add_msad_config(cfg):
     _C.MODEL.MSAD.KD_TEMPERATURE = 3.0  # T: both feature maps are divided by it
     # The distillation weight ramps linearly from 0 to 1 over this many iterations.
     _C.MODEL.MSAD.KD_WARMUP_ITERS = 500
+    # How both feature maps are prepared before the L1: "none" (MSAD) or "channel" (each
+    # level's channels standardised over the batch and locations, so that the L1 pulls towards
+    # the teacher's pattern rather than its scale; an option tested by tools/compare_methods.py).
+    _C.MODEL.MSAD.KD_NORMALIZE = "none"
+    # Every this many iterations (0 = never), the student logs the norms of the distillation and
+    # detection losses' gradients at its FPN outputs (grad_norm/distill, grad_norm/detection)
+    # and the distillation's share of their sum (grad_share/distill) in metrics.json: one more
+    # backward pass through the head on those iterations.
+    _C.MODEL.MSAD.GRAD_SHARE_PERIOD = 20
 
     # ---- The teacher of every distilled detector: MSAD student, ThumbDet (msad/distill.py) --
     _C.MODEL.TEACHER = CN()
@@ -125,6 +138,10 @@ def add_msad_config(cfg):
     # A fresh run (not --resume, not --eval-only) copies the teacher's backbone and head into
     # the student first, as the official MSAD recipe does; MODEL.WEIGHTS, if set, is loaded after.
     _C.MODEL.TEACHER.INIT_STUDENT = True
+    # The frozen teacher's BatchNorm while it teaches: "eval" (its running statistics) or
+    # "train" (the statistics of the batch it is given, as the official MSAD code runs its
+    # teacher; its running statistics then move, its weights do not).
+    _C.MODEL.TEACHER.BN_MODE = "eval"
 
     # ---- ThumbDet (msad/thumbdet.py): the thumbnail is 1/MODEL.FCOS.INPUT_FACTOR (2 or 4) of
     # the image, its head reads MODEL.FCOS.IN_FEATURES of it, its teacher is MODEL.TEACHER ----

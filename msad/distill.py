@@ -12,14 +12,33 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .fcos import AlignedFCOS
 
 logger = logging.getLogger(__name__)
 
 
-def aligned_feature_l1(student: List[torch.Tensor], teacher: List[torch.Tensor], temperature):
-    """MSAD feature distillation: sum over aligned levels of mean |student/T - teacher/T|."""
+# How feature maps are prepared before the distillation L1 (MODEL.MSAD.KD_NORMALIZE).
+KD_NORMALIZATIONS = ("none", "channel")
+# The frozen teacher's BatchNorm while it teaches (MODEL.TEACHER.BN_MODE).
+TEACHER_BN_MODES = ("eval", "train")
+
+
+def standardize_channels(x: torch.Tensor, eps=1e-5) -> torch.Tensor:
+    """Each channel of (N, C, H, W) at zero mean and unit variance over the batch and locations."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def aligned_feature_l1(student: List[torch.Tensor], teacher: List[torch.Tensor], temperature,
+                       normalize="none"):
+    """MSAD feature distillation: sum over aligned levels of mean |student/T - teacher/T|,
+    after standardising each level's channels with `normalize` "channel"."""
+    if normalize not in KD_NORMALIZATIONS:
+        raise ValueError(f"MODEL.MSAD.KD_NORMALIZE must be one of {KD_NORMALIZATIONS}, "
+                         f"got {normalize!r}")
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student levels but {len(teacher)} teacher levels")
     total = 0.0
@@ -27,6 +46,8 @@ def aligned_feature_l1(student: List[torch.Tensor], teacher: List[torch.Tensor],
         if s.shape != t.shape:
             raise ValueError(f"aligned level {level}: student features {tuple(s.shape)} vs "
                              f"teacher features {tuple(t.shape)}")
+        if normalize == "channel":
+            s, t = standardize_channels(s), standardize_channels(t)
         total = total + F.l1_loss(s / temperature, t / temperature)
     return total
 
@@ -92,13 +113,18 @@ class DistilledDetector:
             raise ValueError(f"teacher FPN has {t_channels} channels, the student's "
                              f"{s_channels} (MODEL.FPN.OUT_CHANNELS must match)")
 
-    def attach_teacher(self, teacher):
-        """Hold a frozen teacher for training; it stays in eval mode and gets no gradient."""
+    def attach_teacher(self, teacher, bn_mode="eval"):
+        """Hold a frozen teacher for training; it stays in eval mode (its BatchNorm layers in
+        train mode with `bn_mode` "train") and gets no gradient."""
         if teacher is self or not isinstance(teacher, AlignedFCOS):
             raise TypeError("the teacher must be a separate msad detector, got "
                             f"{type(teacher).__name__}")
+        if bn_mode not in TEACHER_BN_MODES:
+            raise ValueError(f"MODEL.TEACHER.BN_MODE must be one of {TEACHER_BN_MODES}, "
+                             f"got {bn_mode!r}")
         self.check_teacher(teacher)
         self.__dict__["_teacher"] = freeze(teacher)  # bypasses nn.Module registration on purpose
+        self.__dict__["_teacher_bn_mode"] = bn_mode
 
     def teacher_outputs(self, batched_inputs, with_head=False):
         """The levels the teacher's head reads (and its outputs), without gradients, on a batch
@@ -108,6 +134,10 @@ class DistilledDetector:
                                "attaches the one named by MODEL.TEACHER.CONFIG_FILE/WEIGHTS")
         with torch.no_grad():
             self.teacher.eval()  # whatever train() calls happened since
+            if self.__dict__["_teacher_bn_mode"] == "train":
+                for module in self.teacher.modules():
+                    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                        module.train()
             images = self.teacher.preprocess_image(batched_inputs, self.padding())
             features = self.teacher.extract(images).head_in
             return features, self.teacher.head(features) if with_head else None
@@ -115,7 +145,7 @@ class DistilledDetector:
     def init_from_teacher(self):
         """Copy the teacher's tensors whose names the student shares (backbone, head)."""
         own = self.state_dict()
-        taken = {k: v for k, v in self.teacher.state_dict().items() if k in own}
+        taken = {k: v for k, v in self.teacher.weights_for_student().items() if k in own}
         mismatched = [f"{k}: teacher {tuple(v.shape)}, student {tuple(own[k].shape)}"
                       for k, v in taken.items() if v.shape != own[k].shape]
         if mismatched or not taken:

@@ -226,7 +226,7 @@ class DistillationTrainer(Trainer):
         self.teacher = None
         if self.builds_teacher(cfg):
             self.teacher = build_frozen_teacher(cfg)
-            student.attach_teacher(self.teacher)
+            student.attach_teacher(self.teacher, bn_mode=cfg.MODEL.TEACHER.BN_MODE)
 
     @classmethod
     def check_config(cls, cfg, args):

@@ -188,6 +188,7 @@ class AlignedFCOS(FCOS):
         losses = self.detection_losses(images, features, predictions,
                                        self.gt_instances(batched_inputs))
         losses.update(self.extra_losses(batched_inputs, images, features, predictions))
+        self.record_diagnostics(features, losses)
         return losses
 
     def padding(self) -> int:
@@ -204,8 +205,8 @@ class AlignedFCOS(FCOS):
         """Every branch's input and levels, and the levels the head reads."""
         inputs = [self.branch_input(images, branch) for branch in self.branches]
         levels = []
-        for x, branch in zip(inputs, self.branches):
-            features = self.backbone(x)
+        for index, (x, branch) in enumerate(zip(inputs, self.branches)):
+            features = self.branch_backbone(x, index)
             levels.append([features[name] for name in branch.levels])
         return Features(inputs, levels, self.head_features(levels))
 
@@ -214,6 +215,10 @@ class AlignedFCOS(FCOS):
         """What the backbone of `branch` sees: the 1/factor copy of the padded batch (the given
         batch itself when it is already that small)."""
         return downsample(images.tensor, branch.factor // self.given_factor, self.input_resample)
+
+    def branch_backbone(self, x: torch.Tensor, index: int) -> Dict[str, torch.Tensor]:
+        """The backbone's levels for the input of branch `index`."""
+        return self.backbone(x)
 
     def head_features(self, branch_levels: List[List[torch.Tensor]]) -> List[torch.Tensor]:
         """The levels the head reads, from every branch's levels: here the first branch's."""
@@ -226,6 +231,13 @@ class AlignedFCOS(FCOS):
     def extra_losses(self, batched_inputs, images, features: Features, predictions):
         """Losses beyond detection (distillation, image statistics): none here."""
         return {}
+
+    def record_diagnostics(self, features: Features, losses: Dict[str, torch.Tensor]):
+        """Training diagnostics of one step, for the event storage (metrics.json): none here."""
+
+    def weights_for_student(self) -> Dict[str, torch.Tensor]:
+        """The tensors a student started from this model copies (MODEL.TEACHER.INIT_STUDENT)."""
+        return self.state_dict()
 
     # ---- shared pieces -----------------------------------------------------------------------
     def branch_input_sizes(self, image_size):

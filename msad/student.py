@@ -7,8 +7,10 @@ lighter student on the half-size image's P3-P7 shares four).
 """
 from functools import partial
 
+import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
 
 from .distill import DistilledDetector, aligned_feature_l1, warmup_factor
 from .fcos import SingleScaleFCOS
@@ -21,16 +23,21 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
             over aligned levels of mean |student / T - teacher / T|; kd_alpha 0 trains without
             the teacher's features (the ablation).
         kd_warmup_iters: the warm-up ramps from 0 to 1 over this many iterations.
+        kd_normalize: "none", or "channel": both feature maps standardised per channel first.
+        grad_share_period: every this many iterations (0: never), log the distillation and
+            detection gradients' norms at the FPN outputs and the distillation's share.
         **kwargs: ``AlignedFCOS``'s.
     """
 
     @configurable
     def __init__(self, *, kd_alpha: float, kd_temperature: float, kd_warmup_iters: int,
-                 **kwargs):
+                 kd_normalize="none", grad_share_period=0, **kwargs):
         super().__init__(**kwargs)
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
         self.kd_warmup_iters = kd_warmup_iters
+        self.kd_normalize = kd_normalize
+        self.grad_share_period = grad_share_period
         self.distill_warmup = 1.0  # set before each step, see iteration_schedules()
 
     @classmethod
@@ -39,7 +46,9 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
             raise ValueError("MSADStudent sees a low-resolution image: set MODEL.FCOS.INPUT_FACTOR "
                              "to 2 or more, not 1")
         return dict(kd_alpha=cfg.MODEL.MSAD.KD_ALPHA, kd_temperature=cfg.MODEL.MSAD.KD_TEMPERATURE,
-                    kd_warmup_iters=cfg.MODEL.MSAD.KD_WARMUP_ITERS, **super().from_config(cfg))
+                    kd_warmup_iters=cfg.MODEL.MSAD.KD_WARMUP_ITERS,
+                    kd_normalize=cfg.MODEL.MSAD.KD_NORMALIZE,
+                    grad_share_period=cfg.MODEL.MSAD.GRAD_SHARE_PERIOD, **super().from_config(cfg))
 
     def iteration_schedules(self):
         return {"distill_warmup": partial(warmup_factor, warmup_iters=self.kd_warmup_iters)}
@@ -52,4 +61,22 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
         t = self.kd_temperature
         mine = features.head_in
         return {"loss_distill": self.kd_alpha * t * t * self.distill_warmup * aligned_feature_l1(
-            [mine[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], t)}
+            [mine[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], t,
+            self.kd_normalize)}
+
+    def record_diagnostics(self, features, losses):
+        """How much of the gradient reaching the FPN outputs is the distillation's."""
+        storage = get_event_storage()
+        if not (self.grad_share_period and "loss_distill" in losses
+                and storage.iter % self.grad_share_period == 0):
+            return
+        levels = features.head_in
+        detection = sum(v for k, v in losses.items() if k != "loss_distill")
+        norms = {}
+        for name, loss in (("distill", losses["loss_distill"]), ("detection", detection)):
+            grads = torch.autograd.grad(loss, levels, retain_graph=True, allow_unused=True)
+            norms[name] = torch.sqrt(sum((g * g).sum() for g in grads if g is not None)).item()
+            storage.put_scalar(f"grad_norm/{name}", norms[name], smoothing_hint=False)
+        total = norms["distill"] + norms["detection"]
+        storage.put_scalar("grad_share/distill", norms["distill"] / total if total else 0.0,
+                           smoothing_hint=False)

@@ -8,6 +8,7 @@ inference predicts from the fused features.
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import weight_init
@@ -45,6 +46,39 @@ class CrossLevelFusion(nn.Module):
         return w[:, 0, None, None, None] * hr + w[:, 1, None, None, None] * lr
 
 
+class BranchBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d with a second set of running statistics for the LR branch (buffers
+    ``running_mean_lr``, ``running_var_lr``); the affine weights are shared.  ``lr`` says which
+    set the next forward uses (and, in training, updates)."""
+
+    def __init__(self, norm: nn.BatchNorm2d):
+        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                         norm.track_running_stats)
+        self.load_state_dict(norm.state_dict())
+        self.register_buffer("running_mean_lr", norm.running_mean.clone())
+        self.register_buffer("running_var_lr", norm.running_var.clone())
+        self.lr = False
+
+    def forward(self, x):
+        if not self.lr:
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean_lr, self.running_var_lr, self.weight, self.bias,
+                            self.training, self.momentum, self.eps)
+
+
+def with_branch_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` with each BatchNorm2d below it replaced by a ``BranchBatchNorm`` of its values."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.SyncBatchNorm, NaiveSyncBatchNorm)):
+            raise ValueError("MODEL.MSAD.BRANCH_BN keeps per-process statistics: use "
+                             "MODEL.RESNETS.NORM 'BN', not SyncBN")
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, BranchBatchNorm):
+            setattr(module, name, BranchBatchNorm(child))
+        else:
+            with_branch_batch_norm(child)
+    return module
+
+
 @META_ARCH_REGISTRY.register()
 class MultiScaleTeacher(AlignedFCOS):
     """The FCOS input (``MODEL.FCOS``) plus its 1/``MODEL.MSAD.LR_FACTOR`` copy reading the aligned
@@ -55,13 +89,23 @@ class MultiScaleTeacher(AlignedFCOS):
         fusion_hidden_dim: hidden width of each ``CrossLevelFusion``.
         test_branch: what inference predicts from: "fused", or one branch alone ("hr", "lr"),
             a diagnostic of what each branch has learnt.
+        branch_bn: one set of BatchNorm running statistics per branch in the backbone.
         **kwargs: ``AlignedFCOS``'s, with two branches: the HR one first.
     """
 
     @configurable
     def __init__(self, *, joint_weight: float, fusion_hidden_dim: int, test_branch="fused",
-                 **kwargs):
+                 branch_bn=False, **kwargs):
         super().__init__(**kwargs)
+        self.branch_norms = []
+        if branch_bn:
+            with_branch_batch_norm(self.backbone)
+            self.branch_norms = [m for m in self.backbone.modules()
+                                 if isinstance(m, BranchBatchNorm)]
+            if not self.branch_norms:
+                raise ValueError("MODEL.MSAD.BRANCH_BN needs BatchNorm layers that learn their "
+                                 "statistics in the backbone (MODEL.RESNETS.NORM 'BN'); this "
+                                 "one has none")
         if test_branch not in TEST_BRANCHES:
             raise ValueError(f"MODEL.MSAD.TEST_BRANCH must be one of {TEST_BRANCHES}, "
                              f"got {test_branch!r}")
@@ -80,7 +124,19 @@ class MultiScaleTeacher(AlignedFCOS):
         kwargs["branches"] = [hr, Branch(hr.factor * lr_factor, tuple(lr_levels))]
         return dict(kwargs, joint_weight=cfg.MODEL.MSAD.JOINT_WEIGHT,
                     fusion_hidden_dim=cfg.MODEL.MSAD.FUSION_HIDDEN_DIM,
-                    test_branch=cfg.MODEL.MSAD.TEST_BRANCH)
+                    test_branch=cfg.MODEL.MSAD.TEST_BRANCH, branch_bn=cfg.MODEL.MSAD.BRANCH_BN)
+
+    def branch_backbone(self, x, index):
+        for norm in self.branch_norms:
+            norm.lr = index == 1
+        return self.backbone(x)
+
+    def weights_for_student(self):
+        """With per-branch BatchNorm, the LR branch's statistics: a student sees the LR image."""
+        weights = self.state_dict()
+        for key in [k for k in weights if k.endswith(("running_mean_lr", "running_var_lr"))]:
+            weights[key[:-len("_lr")]] = weights.pop(key)
+        return weights
 
     def head_features(self, branch_levels):
         """Each aligned HR/LR pair, fused (or, at inference, one branch: ``test_branch``).  In

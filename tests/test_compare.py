@@ -179,3 +179,34 @@ def test_job_overrides_set_seed_output_weights_and_scaled_schedule(tmp_path):
     assert pairs["MODEL.TEACHER.WEIGHTS"] == str(tmp_path / "seed3" / "teacher" / "model_final.pth")
     long_opts = compare.job_overrides(compare.Job(0, lr_long, str(tmp_path)), (), iters=100)
     assert dict(zip(long_opts[::2], long_opts[1::2]))["SOLVER.MAX_ITER"] == "200"
+
+
+def test_a_variant_is_its_base_with_its_own_overrides_sources_and_comparisons(tmp_path):
+    models = core_models()
+    teacher_v = compare.parse_variant("teacher_lr01=teacher x2 SOLVER.BASE_LR 0.01", models)
+    assert (teacher_v.config, teacher_v.evals, teacher_v.iter_scale) == (
+        "configs/quickstart/teacher.yaml", {"hr": ("MODEL.MSAD.TEST_BRANCH", "hr"),
+                                            "lr": ("MODEL.MSAD.TEST_BRANCH", "lr")}, 2)
+    assert teacher_v.opts == ("SOLVER.BASE_LR", "0.01")
+    student_v = compare.parse_variant(
+        "student_t=student MODEL.TEACHER.WEIGHTS=teacher_lr01 MODEL.MSAD.KD_ALPHA 1", models + [teacher_v])
+    assert student_v.sources == {"MODEL.TEACHER.WEIGHTS": "teacher_lr01"}
+    rows = compare.variant_comparisons(models + [teacher_v, student_v])
+    assert ("teacher_lr01", "teacher", "teacher_lr01 - teacher") in rows
+    assert ("teacher_lr01:hr", "hr", "teacher's HR branch alone - HR FCOS [teacher_lr01]") in rows
+    assert ("student_t", "lr_teacher_init",
+            "distillation alone (student - LR FCOS, teacher init) [student_t]") in rows
+    for spec, message in (("x=nothing", "NAME=BASE"), ("hr=teacher", "is taken"),
+                          ("t2=teacher MODEL.WEIGHTS=none", "not a model here"),
+                          ("t2=teacher SOLVER.BASE_LR", "has no value")):
+        with pytest.raises(ValueError, match=message):
+            compare.parse_variant(spec, models)
+    # The variant trains after the model it takes its teacher from.
+    jobs = compare.plan(models + [teacher_v, student_v], [0], str(tmp_path))
+    FakeRun.log = []
+    BASE.update(teacher_lr01=23.0, student_t=19.5)
+    try:
+        compare.run_jobs(jobs, fake_start(), parallel=4, report=lambda s: None, poll_every=0)
+    finally:
+        del BASE["teacher_lr01"], BASE["student_t"]
+    assert FakeRun.log.index(("start", 0, "student_t")) > FakeRun.log.index(("end", 0, "teacher_lr01"))

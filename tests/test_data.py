@@ -65,3 +65,32 @@ def test_user_coco_dataset_from_config(tmp_path, cfg):
     cfg.DATASETS.COCO_INSTANCES = [["other", str(tmp_path / "missing.json"), str(tmp_path)]]
     with pytest.raises(FileNotFoundError, match="missing.json"):
         register_coco_from_config(cfg)
+
+
+def test_detail_scenes_are_small_objects_in_pairs_told_apart_by_a_hole(tmp_path):
+    from msad.data import DETAIL
+
+    coco = generate_split(str(tmp_path / "d.json"), str(tmp_path / "images"), 20, 4, scene=DETAIL)
+    again = generate_split(str(tmp_path / "e.json"), str(tmp_path / "images2"), 20, 4, scene=DETAIL)
+    assert coco == again
+    assert [c["name"] for c in coco["categories"]] == ["disk", "ring", "square", "frame"]
+    assert all(112 <= im["height"] <= 128 and 112 <= im["width"] <= 128 for im in coco["images"])
+    longest = np.array([max(a["bbox"][2:]) for a in coco["annotations"]])
+    assert longest.max() <= 41 and np.median(longest) < 32  # every object is "small" for COCO
+    assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3, 4}
+    import cv2
+
+    from msad.data import _shape_mask
+
+    rng = np.random.default_rng(0)
+    ring = _shape_mask(rng, "ring", 30, 64, 64)
+    rng = np.random.default_rng(0)
+    disk = _shape_mask(rng, "disk", 30, 64, 64)
+    rng = np.random.default_rng(0)
+    frame = _shape_mask(rng, "frame", 30, 64, 64)
+    rng = np.random.default_rng(0)
+    square = _shape_mask(rng, "square", 30, 64, 64)
+    # The holed shapes are their solid pair with pixels missing inside.
+    assert (frame & ~square).sum() == 0 and square.sum() - frame.sum() > 60
+    assert ring.sum() < disk.sum() and cv2.connectedComponents((~ring).astype(np.uint8))[0] == 3
+    assert DatasetCatalog.get("msad_detail_val")[0]["file_name"].endswith("000001.jpg")

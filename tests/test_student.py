@@ -220,3 +220,66 @@ def test_fresh_run_starts_from_the_teacher_and_resume_from_the_student(teacher_f
         assert torch.equal(v, saved[k]), k
     assert not torch.equal(resumed.model.state_dict()["head.cls_score.weight"],
                            resumed.teacher.state_dict()["head.cls_score.weight"])
+
+
+def test_channel_normalised_distillation_ignores_the_teachers_scale_and_offset():
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 3, 4, 4, generator=g)]
+    t = [torch.randn(2, 3, 4, 4, generator=g)]
+    scaled = [t[0] * torch.tensor([5.0, 0.2, 3.0]).view(1, 3, 1, 1) + 7.0]
+    plain = aligned_feature_l1(s, t, 1.0, "channel")
+    assert aligned_feature_l1(s, scaled, 1.0, "channel").item() == pytest.approx(plain.item(), rel=1e-4)
+    assert aligned_feature_l1(s, scaled, 1.0).item() != pytest.approx(aligned_feature_l1(s, t, 1.0).item())
+    assert aligned_feature_l1(t, t, 1.0, "channel").item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="MODEL.MSAD.KD_NORMALIZE must be one of"):
+        aligned_feature_l1(s, t, 1.0, "batch")
+
+
+def test_train_mode_teacher_bn_uses_batch_statistics_and_keeps_its_weights(teacher_files, tmp_path):
+    eval_student = student_with_teacher(student_cfg(teacher_files, tmp_path)).train()
+    train_student = build_model(student_cfg(teacher_files, tmp_path))
+    train_student.attach_teacher(build_frozen_teacher(student_cfg(teacher_files, tmp_path)),
+                                 bn_mode="train")
+    batch = _inputs([(224, 224), (192, 256)])
+    in_eval, _ = eval_student.teacher_outputs(batch)
+    weights = [p.clone() for p in train_student.teacher.parameters()]
+    in_train, _ = train_student.teacher_outputs(batch)
+    assert not train_student.teacher.training  # the detector; only its BatchNorm layers train
+    assert not torch.allclose(in_eval[0], in_train[0])
+    # Batch statistics: each channel of the stem's output is standardised over this batch.
+    stem = train_student.teacher.backbone.bottom_up.stem
+    x = train_student.teacher.preprocess_image(batch, train_student.padding()).tensor
+    normed = stem.conv1.norm(stem.conv1(x))
+    assert normed.mean(dim=(0, 2, 3)).abs().max() < 1e-3 + stem.conv1.norm.bias.abs().max()
+    assert all(torch.equal(a, b) for a, b in zip(weights, train_student.teacher.parameters()))
+    with pytest.raises(ValueError, match="MODEL.TEACHER.BN_MODE must be one of"):
+        build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(
+            build_frozen_teacher(student_cfg(teacher_files, tmp_path)), bn_mode="frozen")
+
+
+def test_student_logs_the_distillations_share_of_the_gradient(teacher_files, tmp_path):
+    student = student_with_teacher(student_cfg(teacher_files, tmp_path,
+                                               "MODEL.MSAD.GRAD_SHARE_PERIOD", 5)).train()
+    student.distill_warmup = 1.0
+    batch = _inputs([(224, 224)])
+    for iteration, logged in ((5, True), (6, False)):
+        with EventStorage(iteration) as storage:
+            losses = student(batch)
+            found = storage.latest()
+        assert ("grad_share/distill" in found) == logged
+    features = student.extract(student.preprocess_image(batch)).head_in
+    # The distillation's own gradient at the FPN outputs, by hand: d(alpha T^2 mean|s/T - t/T|).
+    with EventStorage(5) as storage:
+        losses = student(batch)
+        found = {k: v[0] for k, v in storage.latest().items()}
+    teacher_features, _ = student.teacher_outputs(batch)
+    pairs = student.teacher_pairs(student.teacher)
+    own = student.extract(student.preprocess_image(batch)).head_in
+    loss = student.kd_alpha * student.kd_temperature ** 2 * aligned_feature_l1(
+        [own[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], student.kd_temperature)
+    grads = torch.autograd.grad(loss, own)
+    assert found["grad_norm/distill"] == pytest.approx(
+        torch.sqrt(sum((g * g).sum() for g in grads)).item(), rel=1e-5)
+    assert found["grad_share/distill"] == pytest.approx(
+        found["grad_norm/distill"] / (found["grad_norm/distill"] + found["grad_norm/detection"]))
+    assert len(features) == 5 and "loss_distill" in losses

@@ -188,3 +188,45 @@ def test_syncbn_zoo_config_trains_a_step_in_one_process():
         losses = model(_inputs([(128, 160), (160, 128)]))
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_lr_ones():
+    torch.manual_seed(0)
+    teacher = build_model(quickstart_cfg("teacher", "MODEL.MSAD.BRANCH_BN", True)).train()
+    norms = teacher.branch_norms
+    assert norms and all(torch.equal(n.running_mean, n.running_mean_lr) for n in norms)
+    with EventStorage(0):
+        teacher(_inputs([(224, 224)]))
+    stem = norms[0]
+    # The HR pass updated the HR statistics, the LR pass the LR ones, each from its own input.
+    assert not torch.allclose(stem.running_mean, stem.running_mean_lr)
+    weights = teacher.weights_for_student()
+    assert not any(k.endswith("_lr") for k in weights)
+    assert torch.equal(weights["backbone.bottom_up.stem.conv1.norm.running_mean"],
+                       stem.running_mean_lr)
+    student = build_model(quickstart_cfg("student"))
+    assert set(weights) >= set(student.state_dict())  # every tensor the student has is given
+    with pytest.raises(ValueError, match="MODEL.MSAD.BRANCH_BN needs BatchNorm"):
+        build_model(quickstart_cfg("teacher", "MODEL.MSAD.BRANCH_BN", True,
+                                   "MODEL.RESNETS.NORM", "FrozenBN"))
+
+
+def test_teacher_predicts_from_one_branch_on_request_and_logs_its_fusion_weights():
+    torch.manual_seed(0)
+    teacher = build_model(quickstart_cfg("teacher")).eval()
+    batch = _inputs([(224, 224)], with_boxes=False)
+    hr, lr = teacher.extract(teacher.preprocess_image(batch)).branch_levels
+    for branch, levels in (("hr", hr), ("lr", lr)):
+        teacher.test_branch = branch
+        assert all(torch.equal(a, b) for a, b in zip(teacher.head_features([hr, lr]), levels))
+    teacher.test_branch = "fused"
+    fused = teacher.head_features([hr, lr])
+    assert all(torch.equal(a, fuse(h, l)) for a, fuse, h, l in zip(fused, teacher.fusion, hr, lr))
+    teacher.train()
+    with EventStorage(0) as storage:
+        teacher(_inputs([(224, 224)]))
+        logged = storage.latest()
+    assert sorted(logged)[:5] == [f"fusion_hr_weight/p{i}" for i in range(3, 8)]
+    assert all(0 < logged[f"fusion_hr_weight/p{i}"][0] < 1 for i in range(3, 8))
+    with pytest.raises(ValueError, match="MODEL.MSAD.TEST_BRANCH must be one of"):
+        build_model(quickstart_cfg("teacher", "MODEL.MSAD.TEST_BRANCH", "both"))

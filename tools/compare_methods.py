@@ -24,8 +24,9 @@ import signal
 import sys
 import time
 
-from msad.compare import (MODEL_NAMES, MODELS, PROTOCOLS, Run, job_overrides, markdown, plan,
-                          plot, read_results, run_jobs, summarise, to_run)
+from msad.compare import (MODEL_NAMES, MODELS, PROTOCOLS, Run, job_overrides, markdown,
+                          parse_variant, plan, plot, read_results, run_jobs, summarise, to_run,
+                          variant_comparisons)
 
 DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student")
 
@@ -46,6 +47,11 @@ def main(argv=None):
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="detail",
                         help="the dataset (and its settings) every model trains on")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=DEFAULT_MODELS)
+    parser.add_argument("--variant", action="append", default=[], metavar="SPEC",
+                        help='one more model: "NAME=BASE [xK] [KEY=SOURCE ...] [KEY VALUE ...]", '
+                        "BASE trained K times as long, with a config key's weights from another "
+                        "model, with its own overrides; compared with BASE and with what BASE "
+                        "is compared with (e.g. \"teacher_lr01=teacher SOLVER.BASE_LR 0.01\")")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished models, train nothing")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
@@ -73,20 +79,30 @@ def main(argv=None):
     output = os.path.abspath(args.output)  # the training scripts run from the repository
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     try:
+        for spec in args.variant:
+            models.append(parse_variant(spec, models))
         jobs = plan(models, seeds, output)
     except ValueError as e:
         parser.error(str(e))
+    # What the trained models in --output depend on: a rerun must ask for the same.
     settings = {"protocol": args.protocol, "iters": args.iters, "overrides": args.overrides}
+    variants = {spec.split()[0].partition("=")[0]: spec for spec in args.variant}
     settings_file = os.path.join(output, "settings.json")
     if os.path.isfile(settings_file):
         with open(settings_file) as f:
             earlier = json.load(f)
+        earlier_variants = earlier.pop("variants", {})
         if earlier != settings:
             raise SystemExit(f"compare_methods: {output} holds models trained with {earlier}, "
                              f"not {settings}: choose another --output")
+        for name, spec in variants.items():
+            if earlier_variants.get(name, spec) != spec:
+                raise SystemExit(f"compare_methods: variant {name} was trained in {output} as "
+                                 f"{earlier_variants[name]!r}, not {spec!r}: give it another name")
+        variants = dict(earlier_variants, **variants)
     os.makedirs(output, exist_ok=True)
     with open(settings_file, "w") as f:
-        json.dump(settings, f, indent=2)
+        json.dump(dict(settings, variants=variants), f, indent=2)
 
     if not args.report_only:
         todo = to_run(jobs)
@@ -102,8 +118,8 @@ def main(argv=None):
         if failed:
             raise SystemExit(f"compare_methods: {', '.join(failed)} failed")
 
-    summary = summarise(read_results(jobs), seeds)
-    labels = {m.name: m.label for m in MODELS}
+    summary = summarise(read_results(jobs), seeds, variant_comparisons(models))
+    labels = {m.name: m.label for m in models}
     table = markdown(summary, labels)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     summary.update(settings=settings, written=stamp, cpu_count=os.cpu_count())
