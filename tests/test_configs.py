@@ -31,6 +31,19 @@ def test_config_builds_its_model(path):
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
 
 
+# ../shared/reference/official-configs.md: batch, base LR, iterations, LR steps per config.
+OFFICIAL_SCHEDULES = {
+    "SLR025-50-T": (16, 0.01, 90000, (60000, 80000)),
+    "SLR050-50-T": (8, 0.01, 180000, (120000, 160000)),
+    "SLR075-50-T": (8, 0.01, 180000, (120000, 160000)),
+    "SLR100-50-T": (8, 0.01, 180000, (120000, 160000)),
+    "SLR025-50-S": (32, 0.02, 45000, (30000, 40000)),
+    "SLR050-50-S": (32, 0.01, 45000, (30000, 40000)),
+    "SLR075-50-S": (32, 0.02, 45000, (30000, 40000)),
+    "SLR100-50-S": (16, 0.01, 90000, (60000, 80000)),
+}
+
+
 @pytest.mark.parametrize("path", ZOO, ids=os.path.basename)
 def test_zoo_uses_the_official_schedule_and_width(path):
     cfg = load_config(path)
@@ -38,8 +51,8 @@ def test_zoo_uses_the_official_schedule_and_width(path):
     assert cfg.MODEL.SLIMMABLE.WIDTH == width
     assert cfg.MODEL.RESNETS.NORM == "SyncBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
     s = cfg.SOLVER
-    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS), s.WARMUP_ITERS) == (
-        16, 0.01, 90000, (60000, 80000), 500)
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS), s.WARMUP_ITERS) == \
+        OFFICIAL_SCHEDULES[os.path.basename(path)[:-len(".yaml")]] + (500,)
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(640, 801, 32))
     assert cfg.INPUT.MAX_SIZE_TRAIN == 1333 and cfg.INPUT.MIN_SIZE_TEST == 800
     assert cfg.MODEL.FCOS.NUM_CLASSES == 80 and cfg.MODEL.MSAD.JOINT_WEIGHT == 0.4
