@@ -25,3 +25,20 @@ def schedule_overrides(iters):
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({at(5 / 6)},)",
             "SOLVER.WARMUP_ITERS", at(1 / 12), "SOLVER.CHECKPOINT_PERIOD", at(1 / 3),
             "MODEL.MSAD.KD_WARMUP_ITERS", at(1 / 6), "MODEL.THUMBDET.WARMUP_ITERS", at(1 / 6)]
+
+
+def checked_overrides(parser, overrides, set_by_tool):
+    """Config overrides given after a tool's options, checked: KEY VALUE pairs, no option among
+    them, none of the keys the tool sets itself (`set_by_tool`: {key: its option}).  Errors go
+    through the argparse `parser` (exit 2)."""
+    if overrides[:1] == ["--"]:
+        overrides = overrides[1:]
+    misplaced = [a for a in overrides if a.startswith("--")]
+    if misplaced:
+        parser.error(f"options go before the config overrides: {misplaced}")
+    if len(overrides) % 2:
+        parser.error(f"config overrides come in KEY VALUE pairs, got {overrides}")
+    for key, flag in set_by_tool.items():
+        if key in overrides[::2]:
+            parser.error(f"set {key} with {flag}: the tool gives each model its own")
+    return overrides

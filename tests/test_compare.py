@@ -210,3 +210,65 @@ def test_a_variant_is_its_base_with_its_own_overrides_sources_and_comparisons(tm
     finally:
         del BASE["teacher_lr01"], BASE["student_t"]
     assert FakeRun.log.index(("start", 0, "student_t")) > FakeRun.log.index(("end", 0, "teacher_lr01"))
+
+
+def compare_main(*argv):
+    import compare_methods  # tools/, on the path through conftest
+
+    return compare_methods.main([str(a) for a in argv])
+
+
+def test_the_tool_refuses_bad_arguments_before_writing(tmp_path, capsys):
+    out = tmp_path / "out"
+    for args, message in ((["--seeds", 1], "--seeds must be at least 2"),
+                          (["SEED", 3], "set SEED with --first-seed"),
+                          (["OUTPUT_DIR", tmp_path], "set OUTPUT_DIR with --output"),
+                          (["SOLVER.BASE_LR"], "KEY VALUE pairs"),
+                          (["--models", "student"], "student starts from ['teacher']"),
+                          (["--variant", "t=nothing"], "NAME=BASE")):
+        with pytest.raises(SystemExit) as stop:
+            compare_main("--output", out, *args)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_report_only_reads_the_finished_models_and_a_changed_protocol_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    seeds = [0, 1, 2]
+    jobs = compare.plan(core_models(), seeds, str(out))
+    compare.run_jobs(jobs, fake_start(), parallel=2, report=lambda s: None, poll_every=0)
+    compare_main("--output", out, "--seeds", 3, "--report-only")
+    report = json.loads((out / "compare.json").read_text())
+    assert report["seeds"] == seeds and report["settings"]["protocol"] == "detail"
+    rows = {(r["a"], r["b"]): r for r in report["comparisons"]}
+    assert rows[("student", "lr")]["AP"]["mean"] == pytest.approx(6.0, abs=0.2)
+    assert "| student - LR FCOS | 3 |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="holds models trained with"):
+        compare_main("--output", out, "--seeds", 3, "--report-only", "--iters", 300)
+    compare_main("--output", out, "--seeds", 3, "--report-only", "--variant", "s2=student")
+    with pytest.raises(SystemExit, match="variant s2 was trained"):
+        compare_main("--output", out, "--seeds", 3, "--report-only",
+                     "--variant", "s2=student MODEL.MSAD.KD_ALPHA 1")
+
+
+def test_the_tool_trains_evaluates_each_branch_and_keeps_what_it_trained(tmp_path, capsys):
+    """End to end on the real scripts, 6 iterations: the teacher of two seeds, its HR and LR
+    branches evaluated alone; a rerun trains nothing."""
+    out = tmp_path / "out"
+    compare_main("--output", out, "--seeds", 2, "--iters", 6, "--models", "teacher", "--",
+                 "SOLVER.IMS_PER_BATCH", 2, "DATASETS.TEST", "('msad_synth_val',)",
+                 "MODEL.FCOS.NUM_CLASSES", 5)
+    printed = capsys.readouterr().out
+    assert "training 2, 2 at a time" in printed and "seed 1 teacher: done" in printed
+    result = json.loads((out / "seed1" / "teacher" / compare.RESULT).read_text())
+    assert set(result["evals"]) == {"hr", "lr"} and result["threads"] >= 1
+    assert set(result["metrics"]) >= {"AP", "AP50", "APs"}
+    assert sorted(result["scalars"]) == [f"fusion_hr_weight/p{i}" for i in range(3, 8)]
+    for branch in ("hr", "lr"):
+        cfg = (out / "seed1" / "teacher" / f"eval_{branch}" / "config.yaml").read_text()
+        assert f"TEST_BRANCH: {branch}" in cfg
+    compare_main("--output", out, "--seeds", 2, "--iters", 6, "--models", "teacher", "--",
+                 "SOLVER.IMS_PER_BATCH", 2, "DATASETS.TEST", "('msad_synth_val',)",
+                 "MODEL.FCOS.NUM_CLASSES", 5)
+    assert "2 of 2 models already trained" in capsys.readouterr().out

@@ -4,7 +4,7 @@ the mean difference with its t-interval over the seeds.
 
     python tools/compare_methods.py [--seeds 5] [--first-seed 0] [--jobs 2] [--iters 900]
         [--protocol detail|synth] [--models hr teacher ...] [--output output/compare]
-        [--report-only] [CONFIG OVERRIDES for every model]
+        [--variant SPEC ...] [--report-only] [-- CONFIG OVERRIDES for every model]
 
 Models (configs/quickstart/ with the protocol's dataset and schedule): hr, teacher (also
 evaluated per branch, HR and LR alone), lr, lr_long (the LR FCOS trained as many iterations as
@@ -27,6 +27,7 @@ import time
 from msad.compare import (MODEL_NAMES, MODELS, PROTOCOLS, Run, job_overrides, markdown,
                           parse_variant, plan, plot, read_results, run_jobs, summarise, to_run,
                           variant_comparisons)
+from msad.pipeline import checked_overrides
 
 DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student")
 
@@ -57,16 +58,8 @@ def main(argv=None):
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides for every model, e.g. SOLVER.BASE_LR 0.01")
     args = parser.parse_args(argv)
-    if args.overrides[:1] == ["--"]:
-        args.overrides = args.overrides[1:]
-    misplaced = [a for a in args.overrides if a.startswith("--")]
-    if misplaced:
-        parser.error(f"options go before the config overrides: {misplaced}")
-    if len(args.overrides) % 2:
-        parser.error(f"config overrides come in KEY VALUE pairs, got {args.overrides}")
-    for key, flag in (("SEED", "--first-seed/--seeds"), ("OUTPUT_DIR", "--output")):
-        if key in args.overrides[::2]:
-            parser.error(f"set {key} with {flag}: the tool gives each model its own")
+    args.overrides = checked_overrides(parser, args.overrides,
+                                       {"SEED": "--first-seed", "OUTPUT_DIR": "--output"})
     if args.seeds < 2:
         parser.error(f"--seeds must be at least 2 (an interval needs a spread), got {args.seeds}")
     if args.first_seed < 0:

@@ -61,7 +61,7 @@ import msad  # noqa: E402,F401
 from msad.config import load_config  # noqa: E402
 from msad.convert import to_coco_file  # noqa: E402
 from msad.data import register_coco_from_config  # noqa: E402
-from msad.pipeline import progress_of, schedule_overrides  # noqa: E402
+from msad.pipeline import checked_overrides, progress_of, schedule_overrides  # noqa: E402
 from msad.predictor import Predictor  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
@@ -333,16 +333,8 @@ def main():
         parser.error("--train and --val go together")
     if args.iters is not None and args.iters < 1:
         parser.error(f"--iters must be at least 1, got {args.iters}")
-    if args.overrides[:1] == ["--"]:
-        args.overrides = args.overrides[1:]
-    misplaced = [a for a in args.overrides if a.startswith("--")]
-    if misplaced:
-        parser.error(f"options go before the config overrides: {misplaced}")
-    if len(args.overrides) % 2:
-        parser.error(f"config overrides come in KEY VALUE pairs, got {args.overrides}")
-    for key, flag in (("SEED", "--seed"), ("OUTPUT_DIR", "--output")):
-        if key in args.overrides[::2]:
-            parser.error(f"set {key} with {flag}: the tool gives each stage its own")
+    args.overrides = checked_overrides(parser, args.overrides,
+                                       {"SEED": "--seed", "OUTPUT_DIR": "--output"})
     stages = pipeline(args.thumbnail_factor, not args.no_thumbnails)
     if args.seed is None:
         args.seed = load_config(os.path.join(REPO, stages[0].config), args.overrides).SEED
