@@ -86,6 +86,10 @@ def add_msad_config(cfg):
     # order, except that in float32 the square root can tie two products at the cut).
     _C.MODEL.FCOS.TOPK_RANKING = "score"
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6  # IoU of the per-class NMS
+    # How the GIoU box loss weighs the positive locations: "uniform" (Detectron2: their sum over
+    # the loss normaliser) or "centerness" (the official FCOS/MSAD code: each weighted by its
+    # centerness target, over the sum of those targets).
+    _C.MODEL.FCOS.BOX_LOSS_WEIGHTING = "uniform"
     # (Detections per image after NMS: Detectron2's TEST.DETECTIONS_PER_IMAGE, 100.)
 
     # ---- MSAD teacher (msad/teacher.py) -------------------------------------------------

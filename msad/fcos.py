@@ -24,9 +24,10 @@ from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from fvcore.nn import giou_loss
 from torch import nn
 
 from .alignment import (INPUT_SCALES, Branch, check_levels, check_resample, downsample,
@@ -36,6 +37,8 @@ from .alignment import (INPUT_SCALES, Branch, check_levels, check_resample, down
 
 # What the per-level test-time top-k is taken on (MODEL.FCOS.TOPK_RANKING).
 TOPK_RANKINGS = ("score", "product")
+# How the box loss weighs the positive locations (MODEL.FCOS.BOX_LOSS_WEIGHTING).
+BOX_LOSS_WEIGHTINGS = ("uniform", "centerness")
 
 
 def sum_over_processes(value: float, device) -> float:
@@ -105,7 +108,7 @@ class AlignedFCOS(FCOS):
     @configurable
     def __init__(self, *, backbone, head, branches: List[Branch], input_resample: str,
                  size_divisibility: int = 0, input_scale: str = "full", topk_ranking="score",
-                 **fcos_kwargs):
+                 box_loss_weighting="uniform", **fcos_kwargs):
         shapes = backbone.output_shape()
         for branch in branches:
             check_levels(branch, shapes)
@@ -121,6 +124,9 @@ class AlignedFCOS(FCOS):
         if topk_ranking not in TOPK_RANKINGS:
             raise ValueError(f"MODEL.FCOS.TOPK_RANKING must be one of {TOPK_RANKINGS}, "
                              f"got {topk_ranking!r}")
+        if box_loss_weighting not in BOX_LOSS_WEIGHTINGS:
+            raise ValueError(f"MODEL.FCOS.BOX_LOSS_WEIGHTING must be one of "
+                             f"{BOX_LOSS_WEIGHTINGS}, got {box_loss_weighting!r}")
         if input_scale not in INPUT_SCALES:
             raise ValueError(f"MODEL.FCOS.INPUT_SCALE must be one of {INPUT_SCALES}, "
                              f"got {input_scale!r}")
@@ -136,6 +142,7 @@ class AlignedFCOS(FCOS):
         self.full_resolution_levels = self.branches[0].full_resolution_levels
         self.input_resample = input_resample
         self.topk_ranking = topk_ranking
+        self.box_loss_weighting = box_loss_weighting
         self.size_divisibility = divisibility
         # How much smaller than the full resolution the given images are: 1, or the factor of
         # the one branch when it is given low-resolution images.
@@ -170,6 +177,7 @@ class AlignedFCOS(FCOS):
             test_topk_candidates=cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST,
             test_nms_thresh=cfg.MODEL.FCOS.NMS_THRESH_TEST,
             topk_ranking=cfg.MODEL.FCOS.TOPK_RANKING,
+            box_loss_weighting=cfg.MODEL.FCOS.BOX_LOSS_WEIGHTING,
             max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
@@ -258,6 +266,26 @@ class AlignedFCOS(FCOS):
             predictions, [self.num_classes, 4, 1])
         losses = self.losses(anchors, logits, gt_labels, deltas, gt_boxes, ctrness)
         return {k.replace("loss_fcos", f"loss_{prefix}"): v * weight for k, v in losses.items()}
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
+               pred_centerness):
+        """Detectron2's FCOS losses; with ``box_loss_weighting`` "centerness", the official box
+        loss instead: sum of centerness target x GIoU loss over the positives, divided by the sum
+        of those targets (averaged over processes, as the official code does)."""
+        losses = super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
+                                pred_centerness)
+        if self.box_loss_weighting == "uniform":
+            return losses
+        labels = torch.stack(gt_labels)
+        positive = (labels >= 0) & (labels != self.num_classes)
+        weights = self.compute_ctrness_targets(anchors, gt_boxes)[positive]
+        grid = Boxes.cat(anchors).tensor
+        predicted = torch.stack([self.box2box_transform.apply_deltas(d, grid)
+                                 for d in torch.cat(pred_anchor_deltas, dim=1)])
+        giou = giou_loss(predicted[positive], torch.stack(gt_boxes)[positive], reduction="none")
+        total = sum_over_processes(weights.sum().item(), self.device) / comm.get_world_size()
+        losses["loss_fcos_loc"] = (giou * weights).sum() / max(total, 1e-6)
+        return losses
 
     def _ema_update(self, name, value, initial_value, momentum=0.9):
         # A private Detectron2 method, overridden because no public hook sets the normaliser.

@@ -230,3 +230,34 @@ def test_teacher_predicts_from_one_branch_on_request_and_logs_its_fusion_weights
     assert all(0 < logged[f"fusion_hr_weight/p{i}"][0] < 1 for i in range(3, 8))
     with pytest.raises(ValueError, match="MODEL.MSAD.TEST_BRANCH must be one of"):
         build_model(quickstart_cfg("teacher", "MODEL.MSAD.TEST_BRANCH", "both"))
+
+
+def test_centerness_weighted_box_loss_is_the_official_one():
+    from fvcore.nn import giou_loss
+
+    torch.manual_seed(0)
+    model = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.BOX_LOSS_WEIGHTING", "centerness"))
+    batch = _inputs([(224, 224), (192, 256)])
+    with EventStorage(0):
+        images = model.preprocess_image(batch)
+        levels = model.extract(images).head_in
+        anchors = model.anchor_generator(levels)
+        gt_labels, gt_boxes = model.label_anchors(anchors, model.gt_instances(batch))
+        outputs = model._transpose_dense_predictions(model.head(levels), [model.num_classes, 4, 1])
+        official = model.losses(anchors, outputs[0], gt_labels, outputs[1], gt_boxes, outputs[2])
+        model.box_loss_weighting = "uniform"
+        uniform = model.losses(anchors, outputs[0], gt_labels, outputs[1], gt_boxes, outputs[2])
+    labels = torch.stack(gt_labels)
+    positive = (labels >= 0) & (labels != model.num_classes)
+    weights = model.compute_ctrness_targets(anchors, gt_boxes)[positive]
+    grid = torch.cat([a.tensor for a in anchors])
+    boxes = torch.stack([model.box2box_transform.apply_deltas(d, grid)
+                         for d in torch.cat(outputs[1], dim=1)])[positive]
+    giou = giou_loss(boxes, torch.stack(gt_boxes)[positive], reduction="none")
+    assert positive.sum() > 5 and weights.min() < 0.9 * weights.max()  # weights that differ
+    assert official["loss_fcos_loc"].item() == pytest.approx(((giou * weights).sum() / weights.sum()).item())
+    assert official["loss_fcos_loc"].item() != pytest.approx(uniform["loss_fcos_loc"].item())
+    for key in ("loss_fcos_cls", "loss_fcos_ctr"):
+        assert torch.equal(official[key], uniform[key])
+    with pytest.raises(ValueError, match="MODEL.FCOS.BOX_LOSS_WEIGHTING must be one of"):
+        build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.BOX_LOSS_WEIGHTING", "iou"))
