@@ -1,4 +1,4 @@
-"""The bundled synthetic detection dataset: generation and registration.
+"""The bundled synthetic detection datasets: generation and registration.
 
 Scenes are textured backgrounds with clutter and several object classes whose sizes run
 log-uniformly from a few pixels to about half the image, drawn over each other so that some
@@ -6,8 +6,10 @@ are partly hidden.  At 0.5x and 0.25x input many of the small ones shrink to a f
 which is the regime low-resolution detection is about.  The generator is deterministic: the
 same seed gives the same bytes (JPEG encoding included) on the same library versions.
 
-Importing :mod:`msad` registers ``msad_synth_train`` and ``msad_synth_val`` under Detectron2's
-dataset root (``$DETECTRON2_DATASETS``, default ``datasets/``); the first use generates them.
+Two scenes (``SceneSpec``): ``msad_synth``, the main job's, and ``msad_detail``, the method
+benchmark's, where small objects are told apart by a hole.  Importing :mod:`msad` registers
+``<scene>_train`` and ``<scene>_val`` under Detectron2's dataset root (``$DETECTRON2_DATASETS``,
+default ``datasets/``); the first use generates them.
 """
 import fcntl
 import json
@@ -24,6 +26,7 @@ from detectron2.data.datasets import load_coco_json
 from .checkpoint import write_atomically
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SplitSpec:
@@ -56,8 +59,8 @@ class SceneSpec:
 # tools/make_synthetic_dataset.py to make a larger copy); images of at most 256 pixels, so that a
 # native-size image pads to one 256x256 tile (msad/alignment.py).
 SYNTH = SceneSpec(
-    name="msad_synth", title="msad synthetic scenes", classes=("disk", "square", "triangle", "ring", "cross"),
-    class_hues=(0, 30, 60, 100, 140),
+    name="msad_synth", title="msad synthetic scenes",
+    classes=("disk", "square", "triangle", "ring", "cross"), class_hues=(0, 30, 60, 100, 140),
     splits=(SplitSpec("train", 320, 0), SplitSpec("val", 80, 1)),
     image_height_range=(192, 256), image_width_range=(192, 256),
     object_size_range=(6, 128), objects_per_image=(3, 10))
