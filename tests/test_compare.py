@@ -225,7 +225,8 @@ def test_the_tool_refuses_bad_arguments_before_writing(tmp_path, capsys):
                           (["OUTPUT_DIR", tmp_path], "set OUTPUT_DIR with --output"),
                           (["SOLVER.BASE_LR"], "KEY VALUE pairs"),
                           (["--models", "student"], "student starts from ['teacher']"),
-                          (["--variant", "t=nothing"], "NAME=BASE")):
+                          (["--variant", "t=nothing"], "NAME=BASE"),
+                          (["--compare", "hr", "nothing"], "--compare names ['nothing']")):
         with pytest.raises(SystemExit) as stop:
             compare_main("--output", out, *args)
         assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -246,6 +247,8 @@ def test_report_only_reads_the_finished_models_and_a_changed_protocol_is_refused
     assert (out / "compare.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="holds models trained with"):
         compare_main("--output", out, "--seeds", 3, "--report-only", "--iters", 300)
+    compare_main("--output", out, "--seeds", 3, "--report-only", "--compare", "teacher", "lr")
+    assert "| teacher - lr | 3 | +10.00 [" in (out / "compare.md").read_text()
     compare_main("--output", out, "--seeds", 3, "--report-only", "--variant", "s2=student")
     with pytest.raises(SystemExit, match="variant s2 was trained"):
         compare_main("--output", out, "--seeds", 3, "--report-only",

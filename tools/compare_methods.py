@@ -53,6 +53,9 @@ def main(argv=None):
                         "BASE trained K times as long, with a config key's weights from another "
                         "model, with its own overrides; compared with BASE and with what BASE "
                         "is compared with (e.g. \"teacher_lr01=teacher SOLVER.BASE_LR 0.01\")")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="one more comparison, A - B (model names, or MODEL:hr / MODEL:lr "
+                        "for the teacher's branches)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished models, train nothing")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
@@ -77,6 +80,11 @@ def main(argv=None):
         jobs = plan(models, seeds, output)
     except ValueError as e:
         parser.error(str(e))
+    names = {m.name for m in models} | {f"{m.name}:{e}" for m in models for e in m.evals}
+    unknown = sorted({n for pair in args.compare for n in pair} - names)
+    if unknown:
+        parser.error(f"--compare names {unknown}, not models here ({sorted(names)})")
+    comparisons = variant_comparisons(models) + [(a, b, f"{a} - {b}") for a, b in args.compare]
     # What the trained models in --output depend on: a rerun must ask for the same.
     settings = {"protocol": args.protocol, "iters": args.iters, "overrides": args.overrides}
     variants = {spec.split()[0].partition("=")[0]: spec for spec in args.variant}
@@ -111,7 +119,7 @@ def main(argv=None):
         if failed:
             raise SystemExit(f"compare_methods: {', '.join(failed)} failed")
 
-    summary = summarise(read_results(jobs), seeds, variant_comparisons(models))
+    summary = summarise(read_results(jobs), seeds, comparisons)
     labels = {m.name: m.label for m in models}
     table = markdown(summary, labels)
     stamp = time.strftime("%Y-%m-%d %H:%M")
