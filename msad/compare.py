@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -194,16 +195,22 @@ def copypaste_metrics(log_text):
     return None
 
 
-def last_scalars(metrics_file, prefix):
-    """The last logged value of every scalar in Detectron2's metrics.json whose name starts
-    with `prefix`."""
-    found = {}
+# Training diagnostics read from each model's metrics.json: the teacher's fusion weights and the
+# student's gradient share (msad/teacher.py, msad/student.py).
+DIAGNOSTICS = ("fusion_hr_weight/", "grad_share/", "grad_norm/")
+
+
+def training_scalars(metrics_file, prefixes=DIAGNOSTICS):
+    """{name: {"last": value, "mean": over the run}} of every scalar in Detectron2's
+    metrics.json whose name starts with one of `prefixes`."""
+    rows = {}
     if os.path.isfile(metrics_file):
         with open(metrics_file) as f:
             for line in f:
-                row = json.loads(line)
-                found.update({k: v for k, v in row.items() if k.startswith(prefix)})
-    return found
+                for k, v in json.loads(line).items():
+                    if k.startswith(prefixes):
+                        rows.setdefault(k, []).append(v)
+    return {k: {"last": v[-1], "mean": sum(v) / len(v)} for k, v in sorted(rows.items())}
 
 
 class Run:
@@ -277,9 +284,7 @@ class Run:
             metrics[name] = found
         result = {"seed": self.job.seed, "model": self.job.model.name,
                   "seconds": round(time.time() - self.start, 1), "threads": self.threads,
-                  "metrics": metrics.pop("train"), "evals": metrics,
-                  "scalars": last_scalars(os.path.join(self.job.directory, "metrics.json"),
-                                          "fusion_hr_weight/")}
+                  "metrics": metrics.pop("train"), "evals": metrics}
         write_atomically(os.path.join(self.job.directory, RESULT), "w",
                          lambda f: json.dump(result, f, indent=2))
 
@@ -372,7 +377,9 @@ def read_results(jobs: List[Job]):
             continue
         with open(os.path.join(job.directory, RESULT)) as f:
             result = json.load(f)
-        out[(job.seed, job.model.name)] = dict(result["metrics"], scalars=result["scalars"])
+        out[(job.seed, job.model.name)] = dict(
+            result["metrics"],
+            scalars=training_scalars(os.path.join(job.directory, "metrics.json")))
         for name, metrics in result["evals"].items():
             out[(job.seed, f"{job.model.name}:{name}")] = metrics
     return out
@@ -391,10 +398,13 @@ def summarise(results, seeds, comparisons=COMPARISONS, confidence=0.95):
             values = [per_seed[s][key] for s in sorted(per_seed) if per_seed[s][key] is not None]
             row[key] = sum(values) / len(values) if values else None
             row[f"{key}_all"] = values
-        fusion = [per_seed[s].get("scalars", {}) for s in sorted(per_seed)]
-        if any(fusion):
-            row["fusion_hr_weight"] = {k: sum(f[k] for f in fusion) / len(fusion)
-                                       for k in sorted(fusion[0])}
+        # Each diagnostic's last and mean value, averaged over the seeds that logged it.
+        scalars = [per_seed[s].get("scalars", {}) for s in sorted(per_seed)]
+        names = sorted({k for found in scalars for k in found})
+        if names:
+            row["diagnostics"] = {
+                k: {stat: statistics.mean(f[k][stat] for f in scalars if k in f)
+                    for stat in ("last", "mean")} for k in names}
         model_rows[name] = row
     rows = []
     for a, b, what in comparisons:
@@ -442,12 +452,18 @@ def markdown(summary, labels):
         lines.append(f"| {label} | {len(row['seeds'])} | {each} | "
                      + " | ".join("n/a" if row[k] is None else f"{row[k]:.2f}" for k in METRICS)
                      + " |")
-    fusion = {n: r["fusion_hr_weight"] for n, r in summary["models"].items()
-              if "fusion_hr_weight" in r}
-    for name, weights in fusion.items():
-        lines += ["", f"{labels.get(name, name)}: mean HR weight of the fusion at the end of "
-                  "training, per level: " + ", ".join(
-                      f"{k.split('/')[-1]} {v:.2f}" for k, v in weights.items())]
+    for name, row in summary["models"].items():
+        found = row.get("diagnostics", {})
+        fusion = {k.split("/")[-1]: v["last"] for k, v in found.items()
+                  if k.startswith("fusion_hr_weight/")}
+        if fusion:
+            lines += ["", f"{labels.get(name, name)}: mean HR weight of the fusion at the end of "
+                      "training, per level: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.items())]
+        if "grad_share/distill" in found:
+            share = found["grad_share/distill"]
+            lines += ["", f"{labels.get(name, name)}: the distillation's share of the gradient at "
+                      f"the FPN outputs, {share['mean']:.2f} over training, {share['last']:.2f} "
+                      "at the end"]
     return "\n".join(lines)
 
 

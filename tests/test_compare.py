@@ -76,10 +76,14 @@ class FakeRun:
         result = {"seed": self.job.seed, "model": self.job.model.name, "seconds": 0.0,
                   "metrics": {"AP": self.ap, "APs": self.ap - 1, "AP50": self.ap * 2},
                   "evals": {"hr": {"AP": self.ap - 0.5, "APs": 0.0, "AP50": 0.0}}
-                  if self.job.model.evals else {},
-                  "scalars": {"fusion_hr_weight/p3": 0.8} if self.job.model.evals else {}}
+                  if self.job.model.evals else {}}
         with open(os.path.join(self.job.directory, compare.RESULT), "w") as f:
             json.dump(result, f)
+        logged = {"teacher": [{"fusion_hr_weight/p3": 0.6}, {"fusion_hr_weight/p3": 0.8}],
+                  "student": [{"grad_share/distill": 0.9, "iteration": 19},
+                              {"grad_share/distill": 0.5, "iteration": 39}]}
+        with open(os.path.join(self.job.directory, "metrics.json"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in logged.get(self.job.model.name, []))
         return 0
 
     def progress(self):
@@ -154,11 +158,15 @@ def test_summary_gives_each_comparison_its_paired_interval(tmp_path):
     assert rows[("lr", "hr")]["AP"]["mean"] == pytest.approx(-8)
     assert rows[("lr", "hr")]["AP"]["std"] == pytest.approx(0, abs=1e-9)  # the seed cancels
     assert rows[("teacher:hr", "hr")]["AP"]["mean"] == pytest.approx(1.5)
-    assert summary["models"]["teacher"]["fusion_hr_weight"] == {"fusion_hr_weight/p3": 0.8}
+    assert summary["models"]["teacher"]["diagnostics"] == {
+        "fusion_hr_weight/p3": {"last": 0.8, "mean": pytest.approx(0.7)}}
+    assert summary["models"]["student"]["diagnostics"]["grad_share/distill"] == {
+        "last": 0.5, "mean": pytest.approx(0.7)}
     assert summary["models"]["hr"]["AP_all"] == [20.0, 23.0, 26.0, 29.0, 32.0]
     table = compare.markdown(summary, {m.name: m.label for m in compare.MODELS})
     assert "| distillation alone (student - LR FCOS, teacher init) | 5 | +1.00 [" in table
     assert "MSAD teacher (HR branch alone)" in table and "p3 0.80" in table
+    assert "share of the gradient at the FPN outputs, 0.70 over training, 0.50 at the end" in table
     path = compare.plot(summary, str(tmp_path / "compare.png"), "test")
     assert os.path.getsize(path) > 10_000
 
@@ -267,7 +275,8 @@ def test_the_tool_trains_evaluates_each_branch_and_keeps_what_it_trained(tmp_pat
     result = json.loads((out / "seed1" / "teacher" / compare.RESULT).read_text())
     assert set(result["evals"]) == {"hr", "lr"} and result["threads"] >= 1
     assert set(result["metrics"]) >= {"AP", "AP50", "APs"}
-    assert sorted(result["scalars"]) == [f"fusion_hr_weight/p{i}" for i in range(3, 8)]
+    assert sorted(compare.training_scalars(str(out / "seed1" / "teacher" / "metrics.json"))) == [
+        f"fusion_hr_weight/p{i}" for i in range(3, 8)]
     for branch in ("hr", "lr"):
         cfg = (out / "seed1" / "teacher" / f"eval_{branch}" / "config.yaml").read_text()
         assert f"TEST_BRANCH: {branch}" in cfg
