@@ -121,6 +121,9 @@ def add_msad_config(cfg):
     # level's channels standardised over the batch and locations, so that the L1 pulls towards
     # the teacher's pattern rather than its scale; an option tested by tools/compare_methods.py).
     _C.MODEL.MSAD.KD_NORMALIZE = "none"
+    # Which of the levels the student shares with the teacher are distilled, named on the
+    # full-resolution grid (p3-p7 for the student on the half-size image's P2-P6); [] = all.
+    _C.MODEL.MSAD.KD_LEVELS = []
     # Every this many iterations (0 = never), the student logs the norms of the distillation and
     # detection losses' gradients at its FPN outputs (grad_norm/distill, grad_norm/detection)
     # and the distillation's share of their sum (grad_share/distill) in metrics.json: one more

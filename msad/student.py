@@ -24,6 +24,7 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
             the teacher's features (the ablation).
         kd_warmup_iters: the warm-up ramps from 0 to 1 over this many iterations.
         kd_normalize: "none", or "channel": both feature maps standardised per channel first.
+        kd_levels: the shared levels to distill, full-resolution names; empty: all of them.
         grad_share_period: every this many iterations (0: never), log the distillation and
             detection gradients' norms at the FPN outputs and the distillation's share.
         **kwargs: ``AlignedFCOS``'s.
@@ -31,8 +32,14 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
 
     @configurable
     def __init__(self, *, kd_alpha: float, kd_temperature: float, kd_warmup_iters: int,
-                 kd_normalize="none", grad_share_period=0, **kwargs):
+                 kd_normalize="none", kd_levels=(), grad_share_period=0, **kwargs):
         super().__init__(**kwargs)
+        unknown = sorted(set(kd_levels) - set(self.full_resolution_levels))
+        if unknown:
+            raise ValueError(f"MODEL.MSAD.KD_LEVELS names {unknown}, which the student does not "
+                             f"have: its levels are {list(self.full_resolution_levels)} on the "
+                             "full-resolution grid")
+        self.kd_levels = tuple(kd_levels)
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
         self.kd_warmup_iters = kd_warmup_iters
@@ -47,7 +54,7 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
                              "to 2 or more, not 1")
         return dict(kd_alpha=cfg.MODEL.MSAD.KD_ALPHA, kd_temperature=cfg.MODEL.MSAD.KD_TEMPERATURE,
                     kd_warmup_iters=cfg.MODEL.MSAD.KD_WARMUP_ITERS,
-                    kd_normalize=cfg.MODEL.MSAD.KD_NORMALIZE,
+                    kd_normalize=cfg.MODEL.MSAD.KD_NORMALIZE, kd_levels=cfg.MODEL.MSAD.KD_LEVELS,
                     grad_share_period=cfg.MODEL.MSAD.GRAD_SHARE_PERIOD, **super().from_config(cfg))
 
     def iteration_schedules(self):
@@ -57,12 +64,26 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
         if self.kd_alpha == 0:  # the ablation without distillation: no teacher pass needed
             return {}
         teacher_features, _ = self.teacher_outputs(batched_inputs)
-        pairs = self.teacher_pairs(self.teacher)
+        pairs = self.distilled_pairs(self.teacher)
         t = self.kd_temperature
         mine = features.head_in
         return {"loss_distill": self.kd_alpha * t * t * self.distill_warmup * aligned_feature_l1(
             [mine[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], t,
             self.kd_normalize)}
+
+    def distilled_pairs(self, teacher):
+        """The aligned (student, teacher) level indices that the loss pulls together."""
+        pairs = self.teacher_pairs(teacher)
+        if not self.kd_levels:
+            return pairs
+        return [(i, j) for i, j in pairs if self.full_resolution_levels[i] in self.kd_levels]
+
+    def check_teacher(self, teacher):
+        super().check_teacher(teacher)
+        if not self.distilled_pairs(teacher):
+            raise ValueError(f"MODEL.MSAD.KD_LEVELS {list(self.kd_levels)}: none of them is "
+                             "shared with the teacher, whose levels are "
+                             f"{list(teacher.full_resolution_levels)}")
 
     def record_diagnostics(self, features, losses):
         """How much of the gradient reaching the FPN outputs is the distillation's."""

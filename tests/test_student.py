@@ -283,3 +283,23 @@ def test_student_logs_the_distillations_share_of_the_gradient(teacher_files, tmp
     assert found["grad_share/distill"] == pytest.approx(
         found["grad_norm/distill"] / (found["grad_norm/distill"] + found["grad_norm/detection"]))
     assert len(features) == 5 and "loss_distill" in losses
+
+
+def test_kd_levels_choose_which_shared_levels_are_distilled(teacher_files, tmp_path):
+    every = student_with_teacher(student_cfg(teacher_files, tmp_path)).train()
+    two = student_with_teacher(student_cfg(teacher_files, tmp_path,
+                                           "MODEL.MSAD.KD_LEVELS", ["p3", "p5"])).train()
+    assert two.distilled_pairs(two.teacher) == [(0, 0), (2, 2)]
+    assert every.distilled_pairs(every.teacher) == every.teacher_pairs(every.teacher)
+    batch = _inputs([(224, 224)])
+    own = two.extract(two.preprocess_image(batch)).head_in
+    teacher_features, _ = two.teacher_outputs(batch)
+    two.distill_warmup = 1.0
+    with EventStorage(1):
+        loss = two(batch)["loss_distill"]
+    t = two.kd_temperature
+    want = two.kd_alpha * t * t * aligned_feature_l1([own[0], own[2]],
+                                                     [teacher_features[0], teacher_features[2]], t)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"MODEL.MSAD.KD_LEVELS names \['p2'\]"):
+        build_model(student_cfg(teacher_files, tmp_path, "MODEL.MSAD.KD_LEVELS", ["p2"]))
