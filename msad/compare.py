@@ -21,7 +21,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .checkpoint import write_atomically
 from .paired import paired_difference, verdict
-from .pipeline import progress_of
+from .pipeline import fmt, progress_of, schedule_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,10 +172,13 @@ def to_run(jobs: List[Job]) -> List[Job]:
 
 
 def job_overrides(job: Job, protocol_opts, iters: Optional[int]):
-    """The job's overrides: the protocol, its schedule, its seed, output and weights."""
-    from .pipeline import schedule_overrides
-
+    """The job's overrides: the protocol, its schedule (`iters`, or the config's own MAX_ITER
+    when 0, times the model's ``iter_scale``), its seed, output and weights."""
     opts = list(protocol_opts)
+    if not iters and job.model.iter_scale != 1:
+        from .config import load_config
+
+        iters = load_config(os.path.join(REPO, job.model.config), opts).SOLVER.MAX_ITER
     if iters:
         opts += schedule_overrides(iters * job.model.iter_scale)
     opts += ["OUTPUT_DIR", job.directory, "SEED", str(job.seed), *job.model.opts]
@@ -253,8 +256,13 @@ class Run:
         if rc != 0 or len(self.logs) == len(self.steps):
             self.returncode = rc
             if rc == 0:
-                self.write_result()
-            return rc
+                try:
+                    self.write_result()
+                except (OSError, RuntimeError, ValueError) as e:  # that job fails, not the others
+                    with open(self.log_path, "a") as log:
+                        log.write(f"\ncompare_methods: {e}\n")
+                    self.returncode = 1
+            return self.returncode
         self._next()
         return None
 
@@ -294,6 +302,9 @@ def run_jobs(jobs: List[Job], start, parallel: int, report=print, status_every=6
     """Run `jobs` (in order, a job once the models it starts from are finished), `parallel` at
     a time; ``start(job)`` returns a ``Run``-like object.  A failed job stops new starts; the
     running ones finish.  Returns the failed jobs' tags."""
+    for job in jobs:  # a result trained again must not outlive an interrupted run
+        if is_finished(job):
+            os.remove(os.path.join(job.directory, RESULT))
     waiting, running, failed = list(jobs), [], []
     finished = set()
     pending = {(j.seed, j.model.name) for j in jobs}
@@ -362,11 +373,6 @@ def status_line(running, waiting, durations, parallel, begin):
         left += estimate
     return (f"running: {', '.join(parts)}; {len(waiting)} waiting; elapsed "
             f"{fmt(time.time() - begin)}, ETA ~{fmt(left / parallel)}")
-
-
-def fmt(seconds):
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def read_results(jobs: List[Job]):
@@ -439,7 +445,7 @@ def markdown(summary, labels):
              "|---|---|---|---|---|---|"]
     for row in summary["comparisons"]:
         ap = row.get("AP")
-        lines.append(f"| {row['what']} | {len(row['seeds'])} | "
+        lines.append(f"| {row['what']} | {ap['n'] if ap else 0} | "
                      + " | ".join(interval_text(row.get(k)) for k in METRICS)
                      + f" | {ap['verdict'] if ap else 'n/a'} |")
     lines += ["", "| model | seeds | AP (each seed) | mean AP | mean AP_S | mean AP50 |",

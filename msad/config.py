@@ -107,7 +107,8 @@ def add_msad_config(cfg):
     _C.MODEL.MSAD.TEST_BRANCH = "fused"
     # One set of BatchNorm running statistics per branch in the teacher's backbone (affine
     # weights shared): the HR and LR passes no longer blend their statistics into one.  A
-    # student started from such a teacher takes its LR branch's statistics.
+    # student started from such a teacher takes its LR branch's statistics.  Needs
+    # MODEL.RESNETS.NORM "BN" (statistics per process: not SyncBN, as the zoo's).
     _C.MODEL.MSAD.BRANCH_BN = False
 
     # ---- MSAD student (msad/student.py) --------------------------------------------------

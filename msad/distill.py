@@ -25,6 +25,12 @@ KD_NORMALIZATIONS = ("none", "channel")
 TEACHER_BN_MODES = ("eval", "train")
 
 
+def check_kd_normalize(normalize):
+    if normalize not in KD_NORMALIZATIONS:
+        raise ValueError(f"MODEL.MSAD.KD_NORMALIZE must be one of {KD_NORMALIZATIONS}, "
+                         f"got {normalize!r}")
+
+
 def standardize_channels(x: torch.Tensor, eps=1e-5) -> torch.Tensor:
     """Each channel of (N, C, H, W) at zero mean and unit variance over the batch and locations."""
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
@@ -36,9 +42,7 @@ def aligned_feature_l1(student: List[torch.Tensor], teacher: List[torch.Tensor],
                        normalize="none"):
     """MSAD feature distillation: sum over aligned levels of mean |student/T - teacher/T|,
     after standardising each level's channels with `normalize` "channel"."""
-    if normalize not in KD_NORMALIZATIONS:
-        raise ValueError(f"MODEL.MSAD.KD_NORMALIZE must be one of {KD_NORMALIZATIONS}, "
-                         f"got {normalize!r}")
+    check_kd_normalize(normalize)
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student levels but {len(teacher)} teacher levels")
     total = 0.0
@@ -55,6 +59,11 @@ def aligned_feature_l1(student: List[torch.Tensor], teacher: List[torch.Tensor],
 def warmup_factor(iteration, warmup_iters):
     """Linear ramp min(1, iteration / warmup_iters); 1 without warm-up."""
     return 1.0 if warmup_iters <= 0 else min(1.0, iteration / warmup_iters)
+
+
+def batch_norms(model):
+    """The BatchNorm layers of `model` that can use batch statistics."""
+    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
 
 
 def freeze(model):
@@ -122,6 +131,12 @@ class DistilledDetector:
         if bn_mode not in TEACHER_BN_MODES:
             raise ValueError(f"MODEL.TEACHER.BN_MODE must be one of {TEACHER_BN_MODES}, "
                              f"got {bn_mode!r}")
+        if bn_mode == "train" and not batch_norms(teacher):
+            raise ValueError("MODEL.TEACHER.BN_MODE 'train' needs BatchNorm layers in the "
+                             "teacher; its norm layers are frozen or of another kind")
+        if getattr(teacher, "test_branch", "fused") != "fused":
+            raise ValueError("a teacher teaches from its fused features: its "
+                             f"MODEL.MSAD.TEST_BRANCH must be 'fused', not {teacher.test_branch!r}")
         self.check_teacher(teacher)
         self.__dict__["_teacher"] = freeze(teacher)  # bypasses nn.Module registration on purpose
         self.__dict__["_teacher_bn_mode"] = bn_mode
@@ -134,10 +149,11 @@ class DistilledDetector:
                                "attaches the one named by MODEL.TEACHER.CONFIG_FILE/WEIGHTS")
         with torch.no_grad():
             self.teacher.eval()  # whatever train() calls happened since
-            if self.__dict__["_teacher_bn_mode"] == "train":
-                for module in self.teacher.modules():
-                    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-                        module.train()
+            if self.__dict__.get("_teacher_bn_mode") == "train":
+                # Batch statistics, as the official code's teacher; its running statistics move
+                # (in each process, never saved), its weights do not.
+                for module in batch_norms(self.teacher):
+                    module.train()
             images = self.teacher.preprocess_image(batched_inputs, self.padding())
             features = self.teacher.extract(images).head_in
             return features, self.teacher.head(features) if with_head else None

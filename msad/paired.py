@@ -18,7 +18,7 @@ def t_cdf_central(t: float, dof: int) -> float:
     s, c = math.sin(theta), math.cos(theta)
     if dof == 1:
         return 2 * theta / math.pi
-    # The series of 26.7.3 (odd dof) and 26.7.4 (even dof), dof // 2 terms after the first.
+    # The series of 26.7.3 (odd dof) and 26.7.4 (even dof): (dof - 2) // 2 terms after the first.
     term, total = 1.0, 1.0
     start = 2 if dof % 2 else 1  # the ratios 2/3, 4/5, ... (odd) or 1/2, 3/4, ... (even)
     for k in range(start, dof - 1, 2):

@@ -7,6 +7,12 @@ import re
 ETA_LINE = re.compile(r"eta: (?:(\d+) day, )?(\d+):(\d\d):(\d\d)\s+iter: (\d+)")
 
 
+def fmt(seconds):
+    """M:SS (minutes may exceed 59), as the tools print durations and ETAs."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def progress_of(line):
     """(iterations done, seconds left) from one Detectron2 log line, or None."""
     match = ETA_LINE.search(line)

@@ -12,7 +12,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 
-from .distill import DistilledDetector, aligned_feature_l1, warmup_factor
+from .distill import DistilledDetector, aligned_feature_l1, check_kd_normalize, warmup_factor
 from .fcos import SingleScaleFCOS
 
 
@@ -32,8 +32,12 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
 
     @configurable
     def __init__(self, *, kd_alpha: float, kd_temperature: float, kd_warmup_iters: int,
-                 kd_normalize="none", kd_levels=(), grad_share_period=0, **kwargs):
+                 kd_normalize="none", kd_levels=(), grad_share_period=20, **kwargs):
         super().__init__(**kwargs)
+        check_kd_normalize(kd_normalize)
+        if grad_share_period < 0:
+            raise ValueError(f"MODEL.MSAD.GRAD_SHARE_PERIOD must be 0 (never) or more, got "
+                             f"{grad_share_period}")
         unknown = sorted(set(kd_levels) - set(self.full_resolution_levels))
         if unknown:
             raise ValueError(f"MODEL.MSAD.KD_LEVELS names {unknown}, which the student does not "

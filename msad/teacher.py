@@ -52,6 +52,9 @@ class BranchBatchNorm(nn.BatchNorm2d):
     set the next forward uses (and, in training, updates)."""
 
     def __init__(self, norm: nn.BatchNorm2d):
+        if norm.momentum is None:
+            raise ValueError("MODEL.MSAD.BRANCH_BN needs BatchNorm with a momentum (a running "
+                             "average), not a cumulative one")
         super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine,
                          norm.track_running_stats)
         self.load_state_dict(norm.state_dict())

@@ -142,6 +142,16 @@ def test_a_rerun_trains_only_what_is_missing_and_what_starts_from_it(tmp_path):
                             report=lambda s: None, poll_every=0) == []
     assert ("start", 0, "hr") not in FakeRun.log  # kept
     assert all(compare.is_finished(j) for j in jobs)
+    # A run that must retrain a teacher and stops after it (another model failed) leaves no
+    # result of a student trained from the old teacher.
+    os.remove(os.path.join(jobs[1].directory, compare.RESULT))
+    todo = compare.to_run(jobs)
+    failed = compare.run_jobs(todo, fake_start(fail={"seed 0 teacher"}), parallel=1,
+                              report=lambda s: None, poll_every=0)
+    assert failed == ["seed 0 teacher"]
+    assert not any(compare.is_finished(j) for j in todo)
+    assert {(j.seed, j.model.name) for j in compare.to_run(jobs)} == {
+        (0, "teacher"), (0, "lr_teacher_init"), (0, "student")}
 
 
 def test_summary_gives_each_comparison_its_paired_interval(tmp_path):
@@ -177,6 +187,20 @@ def test_plan_needs_what_a_model_starts_from(tmp_path):
         compare.plan(student, [0], str(tmp_path))
 
 
+def test_a_failing_report_fails_its_job_only(tmp_path):
+    hr = next(m for m in compare.MODELS if m.name == "hr")
+    job = compare.Job(0, hr, str(tmp_path / "seed0" / "hr"))
+    os.makedirs(job.directory)
+    run = compare.Run.__new__(compare.Run)  # a finished training whose log has no metrics
+    run.job, run.threads, run.start, run.returncode = job, 1, 0.0, None
+    run.steps, run.log_path = [("train", [])], job.directory + ".log"
+    run.logs = {"train": run.log_path}
+    open(run.log_path, "w").write("no evaluation here\n")
+    run.proc = type("Done", (), {"poll": lambda self: 0})()
+    assert run.poll() == 1 and not compare.is_finished(job)
+    assert "no COCO metrics" in open(run.log_path).read()
+
+
 def test_job_overrides_set_seed_output_weights_and_scaled_schedule(tmp_path):
     lr_long = next(m for m in compare.MODELS if m.name == "lr_long")
     student = next(m for m in compare.MODELS if m.name == "student")
@@ -187,6 +211,8 @@ def test_job_overrides_set_seed_output_weights_and_scaled_schedule(tmp_path):
     assert pairs["MODEL.TEACHER.WEIGHTS"] == str(tmp_path / "seed3" / "teacher" / "model_final.pth")
     long_opts = compare.job_overrides(compare.Job(0, lr_long, str(tmp_path)), (), iters=100)
     assert dict(zip(long_opts[::2], long_opts[1::2]))["SOLVER.MAX_ITER"] == "200"
+    own = compare.job_overrides(compare.Job(0, lr_long, str(tmp_path)), (), iters=0)
+    assert dict(zip(own[::2], own[1::2]))["SOLVER.MAX_ITER"] == "1200"  # the config's 600, x2
 
 
 def test_a_variant_is_its_base_with_its_own_overrides_sources_and_comparisons(tmp_path):
@@ -246,6 +272,9 @@ def test_report_only_reads_the_finished_models_and_a_changed_protocol_is_refused
     seeds = [0, 1, 2]
     jobs = compare.plan(core_models(), seeds, str(out))
     compare.run_jobs(jobs, fake_start(), parallel=2, report=lambda s: None, poll_every=0)
+    # What a training run of the defaults records, which a report does not.
+    (out / "settings.json").write_text(json.dumps(
+        {"protocol": "detail", "iters": 900, "overrides": [], "variants": {}}))
     compare_main("--output", out, "--seeds", 3, "--report-only")
     report = json.loads((out / "compare.json").read_text())
     assert report["seeds"] == seeds and report["settings"]["protocol"] == "detail"
@@ -257,6 +286,10 @@ def test_report_only_reads_the_finished_models_and_a_changed_protocol_is_refused
         compare_main("--output", out, "--seeds", 3, "--report-only", "--iters", 300)
     compare_main("--output", out, "--seeds", 3, "--report-only", "--compare", "teacher", "lr")
     assert "| teacher - lr | 3 | +10.00 [" in (out / "compare.md").read_text()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["variants"] == {}
+    settings["variants"] = {"s2": "s2=student"}  # as a run that trained it writes
+    (out / "settings.json").write_text(json.dumps(settings))
     compare_main("--output", out, "--seeds", 3, "--report-only", "--variant", "s2=student")
     with pytest.raises(SystemExit, match="variant s2 was trained"):
         compare_main("--output", out, "--seeds", 3, "--report-only",
@@ -267,9 +300,8 @@ def test_the_tool_trains_evaluates_each_branch_and_keeps_what_it_trained(tmp_pat
     """End to end on the real scripts, 6 iterations: the teacher of two seeds, its HR and LR
     branches evaluated alone; a rerun trains nothing."""
     out = tmp_path / "out"
-    compare_main("--output", out, "--seeds", 2, "--iters", 6, "--models", "teacher", "--",
-                 "SOLVER.IMS_PER_BATCH", 2, "DATASETS.TEST", "('msad_synth_val',)",
-                 "MODEL.FCOS.NUM_CLASSES", 5)
+    compare_main("--output", out, "--seeds", 2, "--iters", 6, "--protocol", "synth",
+                 "--models", "teacher", "--", "SOLVER.IMS_PER_BATCH", 2)
     printed = capsys.readouterr().out
     assert "training 2, 2 at a time" in printed and "seed 1 teacher: done" in printed
     result = json.loads((out / "seed1" / "teacher" / compare.RESULT).read_text())
@@ -280,7 +312,6 @@ def test_the_tool_trains_evaluates_each_branch_and_keeps_what_it_trained(tmp_pat
     for branch in ("hr", "lr"):
         cfg = (out / "seed1" / "teacher" / f"eval_{branch}" / "config.yaml").read_text()
         assert f"TEST_BRANCH: {branch}" in cfg
-    compare_main("--output", out, "--seeds", 2, "--iters", 6, "--models", "teacher", "--",
-                 "SOLVER.IMS_PER_BATCH", 2, "DATASETS.TEST", "('msad_synth_val',)",
-                 "MODEL.FCOS.NUM_CLASSES", 5)
+    compare_main("--output", out, "--seeds", 2, "--iters", 6, "--protocol", "synth",
+                 "--models", "teacher", "--", "SOLVER.IMS_PER_BATCH", 2)
     assert "2 of 2 models already trained" in capsys.readouterr().out

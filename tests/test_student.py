@@ -240,49 +240,67 @@ def test_train_mode_teacher_bn_uses_batch_statistics_and_keeps_its_weights(teach
     train_student = build_model(student_cfg(teacher_files, tmp_path))
     train_student.attach_teacher(build_frozen_teacher(student_cfg(teacher_files, tmp_path)),
                                  bn_mode="train")
+    teacher = train_student.teacher
     batch = _inputs([(224, 224), (192, 256)])
     in_eval, _ = eval_student.teacher_outputs(batch)
-    weights = [p.clone() for p in train_student.teacher.parameters()]
+    weights = [p.clone() for p in teacher.parameters()]
+    stem = teacher.backbone.bottom_up.stem.conv1.norm
+    running = stem.running_mean.clone()
     in_train, _ = train_student.teacher_outputs(batch)
-    assert not train_student.teacher.training  # the detector; only its BatchNorm layers train
+    assert not teacher.training and stem.training  # the detector stays in eval, its BN trains
     assert not torch.allclose(in_eval[0], in_train[0])
-    # Batch statistics: each channel of the stem's output is standardised over this batch.
-    stem = train_student.teacher.backbone.bottom_up.stem
-    x = train_student.teacher.preprocess_image(batch, train_student.padding()).tensor
-    normed = stem.conv1.norm(stem.conv1(x))
-    assert normed.mean(dim=(0, 2, 3)).abs().max() < 1e-3 + stem.conv1.norm.bias.abs().max()
-    assert all(torch.equal(a, b) for a, b in zip(weights, train_student.teacher.parameters()))
+    assert not torch.allclose(stem.running_mean, running)  # batch statistics were used
+    opt = torch.optim.SGD(train_student.parameters(), lr=0.1)
+    with EventStorage(1):
+        sum(train_student(batch).values()).backward()
+    opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights, teacher.parameters()))
     with pytest.raises(ValueError, match="MODEL.TEACHER.BN_MODE must be one of"):
         build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(
             build_frozen_teacher(student_cfg(teacher_files, tmp_path)), bn_mode="frozen")
+    frozen = build_model(quickstart_cfg("teacher", "MODEL.RESNETS.NORM", "FrozenBN"))
+    with pytest.raises(ValueError, match="BN_MODE 'train' needs BatchNorm layers"):
+        build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(frozen, bn_mode="train")
+    one_branch = build_model(quickstart_cfg("teacher", "MODEL.MSAD.TEST_BRANCH", "hr"))
+    with pytest.raises(ValueError, match="TEST_BRANCH must be 'fused', not 'hr'"):
+        build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(one_branch)
 
 
 def test_student_logs_the_distillations_share_of_the_gradient(teacher_files, tmp_path):
-    student = student_with_teacher(student_cfg(teacher_files, tmp_path,
-                                               "MODEL.MSAD.GRAD_SHARE_PERIOD", 5)).train()
-    student.distill_warmup = 1.0
     batch = _inputs([(224, 224)])
-    for iteration, logged in ((5, True), (6, False)):
-        with EventStorage(iteration) as storage:
+    grads, logged = {}, {}
+    for period in (5, 0):
+        torch.manual_seed(0)
+        student = student_with_teacher(student_cfg(teacher_files, tmp_path,
+                                                   "MODEL.MSAD.GRAD_SHARE_PERIOD", period)).train()
+        student.distill_warmup = 1.0
+        with EventStorage(5) as storage:
             losses = student(batch)
-            found = storage.latest()
-        assert ("grad_share/distill" in found) == logged
-    features = student.extract(student.preprocess_image(batch)).head_in
-    # The distillation's own gradient at the FPN outputs, by hand: d(alpha T^2 mean|s/T - t/T|).
-    with EventStorage(5) as storage:
-        losses = student(batch)
-        found = {k: v[0] for k, v in storage.latest().items()}
-    teacher_features, _ = student.teacher_outputs(batch)
-    pairs = student.teacher_pairs(student.teacher)
+            sum(losses.values()).backward()
+            logged[period] = {k: v[0] for k, v in storage.latest().items()}
+        grads[period] = [p.grad.clone() for p in student.parameters()]
+    # The diagnostic changes no gradient of the step, and is logged only on its iterations.
+    assert all(torch.equal(a, b) for a, b in zip(grads[5], grads[0]))
+    assert "grad_share/distill" not in logged[0]
+    found = logged[5]
+    # Each norm by hand: the gradient of that loss alone at the FPN outputs.
     own = student.extract(student.preprocess_image(batch)).head_in
-    loss = student.kd_alpha * student.kd_temperature ** 2 * aligned_feature_l1(
-        [own[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], student.kd_temperature)
-    grads = torch.autograd.grad(loss, own)
-    assert found["grad_norm/distill"] == pytest.approx(
-        torch.sqrt(sum((g * g).sum() for g in grads)).item(), rel=1e-5)
-    assert found["grad_share/distill"] == pytest.approx(
-        found["grad_norm/distill"] / (found["grad_norm/distill"] + found["grad_norm/detection"]))
-    assert len(features) == 5 and "loss_distill" in losses
+    teacher_features, _ = student.teacher_outputs(batch)
+    pairs, t = student.teacher_pairs(student.teacher), student.kd_temperature
+    distill = student.kd_alpha * t * t * aligned_feature_l1(
+        [own[i] for i, _ in pairs], [teacher_features[j] for _, j in pairs], t)
+    with EventStorage(5):
+        detection = sum(v for k, v in student.forward_training(
+            student.preprocess_image(batch), own, student.head(own),
+            student.gt_instances(batch)).items())
+    for name, loss in (("distill", distill), ("detection", detection)):
+        g = torch.autograd.grad(loss, own, retain_graph=True)
+        assert found[f"grad_norm/{name}"] == pytest.approx(
+            torch.sqrt(sum((x * x).sum() for x in g)).item(), rel=1e-4), name
+    assert 0 < found["grad_share/distill"] < 1
+    with pytest.raises(ValueError, match="GRAD_SHARE_PERIOD must be 0"):
+        build_model(student_cfg(teacher_files, tmp_path, "MODEL.MSAD.GRAD_SHARE_PERIOD", -1))
 
 
 def test_kd_levels_choose_which_shared_levels_are_distilled(teacher_files, tmp_path):

@@ -200,6 +200,16 @@ def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_
     stem = norms[0]
     # The HR pass updated the HR statistics, the LR pass the LR ones, each from its own input.
     assert not torch.allclose(stem.running_mean, stem.running_mean_lr)
+    # At inference each branch reads its own statistics: changing the LR ones moves the LR
+    # branch's features only.
+    teacher.eval()
+    images = teacher.preprocess_image(_inputs([(224, 224)], with_boxes=False))
+    with torch.no_grad():
+        hr, lr = teacher.extract(images).branch_levels
+        for norm in norms:
+            norm.running_mean_lr += 0.5
+        hr2, lr2 = teacher.extract(images).branch_levels
+    assert torch.equal(hr[0], hr2[0]) and not torch.allclose(lr[0], lr2[0])
     weights = teacher.weights_for_student()
     assert not any(k.endswith("_lr") for k in weights)
     assert torch.equal(weights["backbone.bottom_up.stem.conv1.norm.running_mean"],

@@ -20,6 +20,7 @@ and compare.png (the differences, one dot per seed, with their intervals).
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -33,8 +34,6 @@ DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student"
 
 
 def main(argv=None):
-    # SIGTERM unwinds like Ctrl-C, so the running trainings are stopped too.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/compare")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds (at least 2)")
@@ -87,7 +86,8 @@ def main(argv=None):
     comparisons = variant_comparisons(models) + [(a, b, f"{a} - {b}") for a, b in args.compare]
     # What the trained models in --output depend on: a rerun must ask for the same.
     settings = {"protocol": args.protocol, "iters": args.iters, "overrides": args.overrides}
-    variants = {spec.split()[0].partition("=")[0]: spec for spec in args.variant}
+    variants = {m.name: shlex.join(shlex.split(spec)) for m, spec in
+                zip(models[len(models) - len(args.variant):], args.variant)}
     settings_file = os.path.join(output, "settings.json")
     if os.path.isfile(settings_file):
         with open(settings_file) as f:
@@ -102,8 +102,9 @@ def main(argv=None):
                                  f"{earlier_variants[name]!r}, not {spec!r}: give it another name")
         variants = dict(earlier_variants, **variants)
     os.makedirs(output, exist_ok=True)
-    with open(settings_file, "w") as f:
-        json.dump(dict(settings, variants=variants), f, indent=2)
+    if not args.report_only:  # a report trains nothing: it records no variant
+        with open(settings_file, "w") as f:
+            json.dump(dict(settings, variants=variants), f, indent=2)
 
     if not args.report_only:
         todo = to_run(jobs)
@@ -139,4 +140,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the running trainings are stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()

@@ -61,7 +61,7 @@ import msad  # noqa: E402,F401
 from msad.config import load_config  # noqa: E402
 from msad.convert import to_coco_file  # noqa: E402
 from msad.data import register_coco_from_config  # noqa: E402
-from msad.pipeline import checked_overrides, progress_of, schedule_overrides  # noqa: E402
+from msad.pipeline import checked_overrides, fmt, progress_of, schedule_overrides  # noqa: E402
 from msad.predictor import Predictor  # noqa: E402
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
@@ -113,11 +113,6 @@ def pipeline(thumbnail_factor=4, thumbnails=True):
 
 MACS_SIZE = (256, 256)  # every bundled image pads to one 256x256 tile
 METRICS = ("AP", "APs", "APm", "APl")
-
-
-def fmt(seconds):
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def seed_dir(output, seed):
