@@ -125,7 +125,8 @@ def add_msad_config(cfg):
     # Which of the levels the student shares with the teacher are distilled, named on the
     # full-resolution grid (p3-p7 for the student on the half-size image's P2-P6); [] = all.
     _C.MODEL.MSAD.KD_LEVELS = []
-    # Every this many iterations (0 = never), the student logs the norms of the distillation and
+    # Every this many iterations (0 = never; at the iterations Detectron2's metrics writer writes,
+    # every 20 by default), the student logs the norms of the distillation and
     # detection losses' gradients at its FPN outputs (grad_norm/distill, grad_norm/detection)
     # and the distillation's share of their sum (grad_share/distill) in metrics.json: one more
     # backward pass through the head on those iterations.

@@ -92,8 +92,10 @@ class MSADStudent(DistilledDetector, SingleScaleFCOS):
     def record_diagnostics(self, features, losses):
         """How much of the gradient reaching the FPN outputs is the distillation's."""
         storage = get_event_storage()
+        # On the iterations that end a period, as Detectron2's metrics writer counts them: a
+        # value put on another one would be written later as a row of an earlier iteration.
         if not (self.grad_share_period and "loss_distill" in losses
-                and storage.iter % self.grad_share_period == 0):
+                and (storage.iter + 1) % self.grad_share_period == 0):
             return
         levels = features.head_in
         detection = sum(v for k, v in losses.items() if k != "loss_distill")
