@@ -286,6 +286,13 @@ def test_report_only_reads_the_finished_models_and_a_changed_protocol_is_refused
         compare_main("--output", out, "--seeds", 3, "--report-only", "--iters", 300)
     compare_main("--output", out, "--seeds", 3, "--report-only", "--compare", "teacher", "lr")
     assert "| teacher - lr | 3 | +10.00 [" in (out / "compare.md").read_text()
+    # The same from an arguments file: shell quoting, several per line, comments.
+    args_file = tmp_path / "more.args"
+    args_file.write_text('# a comparison\n--compare teacher lr  # teacher - LR\n'
+                         '--models hr teacher lr lr_long lr_teacher_init student\n')
+    (out / "compare.md").unlink()
+    compare_main(f"@{args_file}", "--output", out, "--seeds", 3, "--report-only")
+    assert "| teacher - lr | 3 | +10.00 [" in (out / "compare.md").read_text()
     settings = json.loads((out / "settings.json").read_text())
     assert settings["variants"] == {}
     settings["variants"] = {"s2": "s2=student"}  # as a run that trained it writes

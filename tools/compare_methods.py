@@ -5,6 +5,7 @@ the mean difference with its t-interval over the seeds.
     python tools/compare_methods.py [--seeds 5] [--first-seed 0] [--jobs 2] [--iters 900]
         [--protocol detail|synth] [--models hr teacher ...] [--output output/compare]
         [--variant SPEC ...] [--report-only] [-- CONFIG OVERRIDES for every model]
+    python tools/compare_methods.py @benchmarks/hypotheses.args --seeds 3  # arguments from a file
 
 Models (configs/quickstart/ with the protocol's dataset and schedule): hr, teacher (also
 evaluated per branch, HR and LR alone), lr, lr_long (the LR FCOS trained as many iterations as
@@ -15,7 +16,8 @@ student - teacher-initialised LR FCOS (distillation alone), student - LR FCOS, a
 threads.  A rerun keeps every finished model (its result.json) and trains the rest.  Writes
 into --output: seed<S>/<model>/ (each Detectron2 output directory, its log beside it),
 compare.json (every seed's metrics, the differences and intervals), compare.md (the tables)
-and compare.png (the differences, one dot per seed, with their intervals).
+and compare.png (the differences, one dot per seed, with their intervals).  @FILE reads
+arguments from FILE, shell-quoted, any number per line, # starting a comment.
 """
 import argparse
 import json
@@ -34,7 +36,9 @@ DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)
     parser.add_argument("--output", default="output/compare")
     parser.add_argument("--seeds", type=int, default=5, help="how many seeds (at least 2)")
     parser.add_argument("--first-seed", type=int, default=0)
