@@ -303,6 +303,7 @@ def test_report_only_reads_the_finished_models_and_a_changed_protocol_is_refused
                      "--variant", "s2=student MODEL.MSAD.KD_ALPHA 1")
 
 
+@pytest.mark.slow
 def test_the_tool_trains_evaluates_each_branch_and_keeps_what_it_trained(tmp_path, capsys):
     """End to end on the real scripts, 6 iterations: the teacher of two seeds, its HR and LR
     branches evaluated alone; a rerun trains nothing."""
