@@ -102,13 +102,17 @@ def add_msad_config(cfg):
     _C.MODEL.MSAD.JOINT_WEIGHT = 0.4
     # Hidden width of the crossing-level fusion's Linear(2C -> hidden) -> ReLU -> Linear(-> 2).
     _C.MODEL.MSAD.FUSION_HIDDEN_DIM = 32
+    # The fusion's learning rate, as a factor of SOLVER.BASE_LR (the official code: 1).  Its
+    # softmax can saturate on one branch early in training and then gets no gradient back.
+    _C.MODEL.MSAD.FUSION_LR_FACTOR = 1.0
     # What the teacher predicts from at inference: "fused" (MSAD), or a diagnostic: "hr" or
     # "lr", one branch alone through the shared head (per-branch AP with --eval-only).
     _C.MODEL.MSAD.TEST_BRANCH = "fused"
     # One set of BatchNorm running statistics per branch in the teacher's backbone (affine
     # weights shared): the HR and LR passes no longer blend their statistics into one.  A
-    # student started from such a teacher takes its LR branch's statistics.  Needs
-    # MODEL.RESNETS.NORM "BN" (statistics per process: not SyncBN, as the zoo's).
+    # student started from such a teacher takes its LR branch's statistics.  Needs BatchNorm
+    # that keeps running statistics (MODEL.RESNETS.NORM "BN" or "SyncBN").  It changes no
+    # training step: only the statistics inference (and an eval-mode student's teacher) uses.
     _C.MODEL.MSAD.BRANCH_BN = False
 
     # ---- MSAD student (msad/student.py) --------------------------------------------------

@@ -14,6 +14,8 @@ from detectron2.engine import (AMPTrainer, DefaultTrainer, HookBase, SimpleTrain
 from detectron2.engine.hooks import BestCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.solver import get_default_optimizer_params
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -132,6 +134,25 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's optimizer; where the model names learning-rate factors for some of its
+        parameters (``lr_factors``, {name prefix: factor}), each of those is scaled."""
+        factors = getattr(model, "lr_factors", {})
+        if not factors:
+            return super().build_optimizer(cfg, model)
+
+        def lr_factor(name):
+            return next((f for prefix, f in factors.items() if name.startswith(prefix)), 1.0)
+
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS, lr_factor_func=lr_factor)
+        return maybe_add_gradient_clipping(cfg, torch.optim.SGD(
+            params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=True))
 
     @classmethod
     def check_config(cls, cfg, args):

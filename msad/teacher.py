@@ -5,16 +5,18 @@ one head serve both, the LR branch is trained against the HR ground truth at the
 each aligned pair is mixed by a crossing-level fusion.  Loss = HR + LR + JOINT_WEIGHT x fused;
 inference predicts from the fused features.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import weight_init
 from torch import nn
 
 from .alignment import Branch, level_shift, shift_levels
+from .distill import batch_norms
 from .fcos import AlignedFCOS
 
 # What the teacher's inference can predict from (MODEL.MSAD.TEST_BRANCH).
@@ -46,40 +48,34 @@ class CrossLevelFusion(nn.Module):
         return w[:, 0, None, None, None] * hr + w[:, 1, None, None, None] * lr
 
 
-class BranchBatchNorm(nn.BatchNorm2d):
-    """A BatchNorm2d with a second set of running statistics for the LR branch (buffers
-    ``running_mean_lr``, ``running_var_lr``); the affine weights are shared.  ``lr`` says which
-    set the next forward uses (and, in training, updates)."""
-
-    def __init__(self, norm: nn.BatchNorm2d):
+def add_branch_statistics(module: nn.Module):
+    """Give each BatchNorm layer below `module` (BN, SyncBN, NaiveSyncBN) a second set of running
+    statistics for the LR branch (buffers ``running_mean_lr``, ``running_var_lr``, started from
+    its own); the affine weights stay shared.  Returns the layers."""
+    norms = [m for m in batch_norms(module) if m.track_running_stats]
+    for norm in norms:
         if norm.momentum is None:
             raise ValueError("MODEL.MSAD.BRANCH_BN needs BatchNorm with a momentum (a running "
                              "average), not a cumulative one")
-        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                         norm.track_running_stats)
-        self.load_state_dict(norm.state_dict())
-        self.register_buffer("running_mean_lr", norm.running_mean.clone())
-        self.register_buffer("running_var_lr", norm.running_var.clone())
-        self.lr = False
-
-    def forward(self, x):
-        if not self.lr:
-            return super().forward(x)
-        return F.batch_norm(x, self.running_mean_lr, self.running_var_lr, self.weight, self.bias,
-                            self.training, self.momentum, self.eps)
+        norm.register_buffer("running_mean_lr", norm.running_mean.clone())
+        norm.register_buffer("running_var_lr", norm.running_var.clone())
+    return norms
 
 
-def with_branch_batch_norm(module: nn.Module) -> nn.Module:
-    """`module` with each BatchNorm2d below it replaced by a ``BranchBatchNorm`` of its values."""
-    for name, child in module.named_children():
-        if isinstance(child, (nn.SyncBatchNorm, NaiveSyncBatchNorm)):
-            raise ValueError("MODEL.MSAD.BRANCH_BN keeps per-process statistics: use "
-                             "MODEL.RESNETS.NORM 'BN', not SyncBN")
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, BranchBatchNorm):
-            setattr(module, name, BranchBatchNorm(child))
-        else:
-            with_branch_batch_norm(child)
-    return module
+@contextmanager
+def lr_statistics(norms):
+    """Within the block, `norms` read and update their LR statistics; whichever layer runs the
+    statistics (SyncBN's all-reduce included) is the layer's own."""
+    def swap():
+        for norm in norms:
+            norm.running_mean, norm.running_mean_lr = norm.running_mean_lr, norm.running_mean
+            norm.running_var, norm.running_var_lr = norm.running_var_lr, norm.running_var
+
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 @META_ARCH_REGISTRY.register()
@@ -93,22 +89,21 @@ class MultiScaleTeacher(AlignedFCOS):
         test_branch: what inference predicts from: "fused", or one branch alone ("hr", "lr"),
             a diagnostic of what each branch has learnt.
         branch_bn: one set of BatchNorm running statistics per branch in the backbone.
+        fusion_lr_factor: the fusion's learning rate as a factor of the base one.
         **kwargs: ``AlignedFCOS``'s, with two branches: the HR one first.
     """
 
     @configurable
     def __init__(self, *, joint_weight: float, fusion_hidden_dim: int, test_branch="fused",
-                 branch_bn=False, **kwargs):
+                 branch_bn=False, fusion_lr_factor=1.0, **kwargs):
         super().__init__(**kwargs)
-        self.branch_norms = []
-        if branch_bn:
-            with_branch_batch_norm(self.backbone)
-            self.branch_norms = [m for m in self.backbone.modules()
-                                 if isinstance(m, BranchBatchNorm)]
-            if not self.branch_norms:
-                raise ValueError("MODEL.MSAD.BRANCH_BN needs BatchNorm layers that learn their "
-                                 "statistics in the backbone (MODEL.RESNETS.NORM 'BN'); this "
-                                 "one has none")
+        # {parameter name prefix: learning-rate factor}, read by the trainer's optimizer.
+        self.lr_factors = {"fusion.": fusion_lr_factor} if fusion_lr_factor != 1.0 else {}
+        self.branch_norms = add_branch_statistics(self.backbone) if branch_bn else []
+        if branch_bn and not self.branch_norms:
+            raise ValueError("MODEL.MSAD.BRANCH_BN needs BatchNorm layers that learn their "
+                             "statistics in the backbone (MODEL.RESNETS.NORM 'BN' or 'SyncBN'); "
+                             "this one has none")
         if test_branch not in TEST_BRANCHES:
             raise ValueError(f"MODEL.MSAD.TEST_BRANCH must be one of {TEST_BRANCHES}, "
                              f"got {test_branch!r}")
@@ -127,11 +122,13 @@ class MultiScaleTeacher(AlignedFCOS):
         kwargs["branches"] = [hr, Branch(hr.factor * lr_factor, tuple(lr_levels))]
         return dict(kwargs, joint_weight=cfg.MODEL.MSAD.JOINT_WEIGHT,
                     fusion_hidden_dim=cfg.MODEL.MSAD.FUSION_HIDDEN_DIM,
-                    test_branch=cfg.MODEL.MSAD.TEST_BRANCH, branch_bn=cfg.MODEL.MSAD.BRANCH_BN)
+                    test_branch=cfg.MODEL.MSAD.TEST_BRANCH, branch_bn=cfg.MODEL.MSAD.BRANCH_BN,
+                    fusion_lr_factor=cfg.MODEL.MSAD.FUSION_LR_FACTOR)
 
     def branch_backbone(self, x, index):
-        for norm in self.branch_norms:
-            norm.lr = index == 1
+        if index == 1 and self.branch_norms:
+            with lr_statistics(self.branch_norms):
+                return self.backbone(x)
         return self.backbone(x)
 
     def weights_for_student(self):

@@ -323,3 +323,23 @@ def test_the_tool_trains_evaluates_each_branch_and_keeps_what_it_trained(tmp_pat
     compare_main("--output", out, "--seeds", 2, "--iters", 6, "--protocol", "synth",
                  "--models", "teacher", "--", "SOLVER.IMS_PER_BATCH", 2)
     assert "2 of 2 models already trained" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["defaults.args", "hypotheses.args"])
+def test_the_recorded_benchmark_arguments_still_parse_and_build_their_configs(name, tmp_path):
+    """benchmarks/*.args are what the README's figures were trained with: each must still run."""
+    import shlex
+
+    from msad.config import load_config
+
+    path = os.path.join(compare.REPO, "benchmarks", name)
+    compare_main(f"@{path}", "--output", tmp_path / "out", "--seeds", 2, "--report-only")
+    with open(path) as f:
+        tokens = [t for line in f for t in shlex.split(line, comments=True)]
+    models = [m for m in compare.MODELS if m.name in tokens[tokens.index("--models") + 1:]]
+    for i, token in enumerate(tokens):
+        if token == "--variant":
+            models.append(compare.parse_variant(tokens[i + 1], models))
+    assert len(models) > len(compare.MODELS)
+    for m in models:  # an unknown key or a value of the wrong type raises
+        load_config(os.path.join(compare.REPO, m.config), [*compare.PROTOCOLS["detail"], *m.opts])

@@ -3,6 +3,8 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -10,7 +12,8 @@ from detectron2.utils.events import EventStorage
 from conftest import quickstart_cfg
 from msad.alignment import (Branch, check_levels, downsample, level_shift, padding_multiple,
                             shift_levels)
-from msad.teacher import CrossLevelFusion
+from msad.distill import batch_norms
+from msad.teacher import CrossLevelFusion, add_branch_statistics, lr_statistics
 
 
 def _inputs(sizes, seed=0, with_boxes=True):
@@ -190,14 +193,33 @@ def test_syncbn_zoo_config_trains_a_step_in_one_process():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_branch_statistics_serve_every_batch_norm_kind_and_swap_back():
+    layers = nn.Sequential(nn.BatchNorm2d(2), nn.SyncBatchNorm(2), NaiveSyncBatchNorm(2),
+                           FrozenBatchNorm2d(2), nn.BatchNorm2d(2, track_running_stats=False))
+    norms = add_branch_statistics(layers)
+    assert norms == list(layers[:3])  # the frozen one and the one without statistics: none
+    hr_statistics = [n.running_mean for n in norms]
+    layers.train()
+    with lr_statistics(norms):
+        for norm in norms:
+            norm(torch.randn(4, 2, 3, 3) + 5.0)
+    for norm, hr in zip(norms, hr_statistics):
+        assert norm.running_mean is hr and torch.equal(hr, torch.zeros(2))  # HR ones untouched
+        assert (norm.running_mean_lr > 0.1).all()  # the LR pass moved its own
+    with pytest.raises(ValueError, match="needs BatchNorm with a momentum"):
+        add_branch_statistics(nn.BatchNorm2d(2, momentum=None))
+
+
 def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_lr_ones():
     torch.manual_seed(0)
     teacher = build_model(quickstart_cfg("teacher", "MODEL.MSAD.BRANCH_BN", True)).train()
     norms = teacher.branch_norms
-    assert norms and all(torch.equal(n.running_mean, n.running_mean_lr) for n in norms)
+    assert len(norms) == len(batch_norms(teacher.backbone))
+    assert all(torch.equal(n.running_mean, n.running_mean_lr) for n in norms)
     with EventStorage(0):
         teacher(_inputs([(224, 224)]))
     stem = norms[0]
+    hr_statistics = stem.running_mean
     # The HR pass updated the HR statistics, the LR pass the LR ones, each from its own input.
     assert not torch.allclose(stem.running_mean, stem.running_mean_lr)
     # At inference each branch reads its own statistics: changing the LR ones moves the LR
@@ -206,10 +228,11 @@ def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_
     images = teacher.preprocess_image(_inputs([(224, 224)], with_boxes=False))
     with torch.no_grad():
         hr, lr = teacher.extract(images).branch_levels
-        for norm in norms:
-            norm.running_mean_lr += 0.5
+        for n in norms:
+            n.running_mean_lr += 0.5
         hr2, lr2 = teacher.extract(images).branch_levels
     assert torch.equal(hr[0], hr2[0]) and not torch.allclose(lr[0], lr2[0])
+    assert stem.running_mean is hr_statistics  # the LR pass puts each set back in place
     weights = teacher.weights_for_student()
     assert not any(k.endswith("_lr") for k in weights)
     assert torch.equal(weights["backbone.bottom_up.stem.conv1.norm.running_mean"],
@@ -271,3 +294,21 @@ def test_centerness_weighted_box_loss_is_the_official_one():
         assert torch.equal(official[key], uniform[key])
     with pytest.raises(ValueError, match="MODEL.FCOS.BOX_LOSS_WEIGHTING must be one of"):
         build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.BOX_LOSS_WEIGHTING", "iou"))
+
+
+def test_fusion_learning_rate_factor_scales_the_fusion_parameters_alone():
+    from msad.engine import Trainer
+
+    cfg = quickstart_cfg("teacher", "MODEL.MSAD.FUSION_LR_FACTOR", 0.1)
+    teacher = build_model(cfg)
+    fusion = {id(p) for p in teacher.fusion.parameters()}
+    groups = Trainer.build_optimizer(cfg, teacher).param_groups
+    for group in groups:
+        in_fusion = {id(p) in fusion for p in group["params"]}
+        assert len(in_fusion) == 1  # no group mixes fusion and other parameters
+        expected = 0.1 * cfg.SOLVER.BASE_LR if in_fusion == {True} else cfg.SOLVER.BASE_LR
+        assert group["lr"] == pytest.approx(expected)
+    assert sum(len(g["params"]) for g in groups) == len(list(teacher.parameters()))
+    assert any(id(p) in fusion for g in groups for p in g["params"])
+    # factor 1 (the official code's single rate) leaves one rate for all parameters
+    assert build_model(quickstart_cfg("teacher", "MODEL.MSAD.FUSION_LR_FACTOR", 1.0)).lr_factors == {}
