@@ -218,8 +218,12 @@ class SafeCheckpointer(DetectionCheckpointer):
             raise ValueError(
                 f"{self.source}: {self._path} does not fit this model (another width or "
                 f"architecture?): {len(wrong)} tensors of another shape, e.g. {wrong[:3]}")
+        # Learnt weights named first: they say which model the checkpoint lacks better than
+        # buffers (the teacher's per-branch BatchNorm statistics) do.
+        learnt = dict(self.model.named_parameters())
         missing = sorted(set(incompatible.missing_keys)
-                         | {k for k, _, _ in incompatible.incorrect_shapes})
+                         | {k for k, _, _ in incompatible.incorrect_shapes},
+                         key=lambda k: (k not in learnt, k))
         if self.complete and missing:
             raise ValueError(
                 f"{self.source}: {self._path} lacks {len(missing)} parameters of "

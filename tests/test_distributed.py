@@ -24,7 +24,8 @@ SAME_BATCH = ["SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.CHECKPOIN
 
 
 CASES = {
-    "teacher": ("train_net_T.py", []),
+    # Frozen BN has no running statistics to keep per branch.
+    "teacher": ("train_net_T.py", ["MODEL.MSAD.BRANCH_BN", False]),
     # Distillation ramps up from iteration 0 (an untrained teacher's features are far from the
     # student's: at full weight the first steps are large enough to amplify rounding chaotically).
     "student": ("train_net_S.py", ["MODEL.TEACHER.WEIGHTS", "{teachers}/teacher.pth",

@@ -259,7 +259,8 @@ def test_train_mode_teacher_bn_uses_batch_statistics_and_keeps_its_weights(teach
     with pytest.raises(ValueError, match="MODEL.TEACHER.BN_MODE must be one of"):
         build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(
             build_frozen_teacher(student_cfg(teacher_files, tmp_path)), bn_mode="frozen")
-    frozen = build_model(quickstart_cfg("teacher", "MODEL.RESNETS.NORM", "FrozenBN"))
+    frozen = build_model(quickstart_cfg("teacher", "MODEL.RESNETS.NORM", "FrozenBN",
+                                         "MODEL.MSAD.BRANCH_BN", False))
     with pytest.raises(ValueError, match="BN_MODE 'train' needs BatchNorm layers"):
         build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(frozen, bn_mode="train")
     one_branch = build_model(quickstart_cfg("teacher", "MODEL.MSAD.TEST_BRANCH", "hr"))
