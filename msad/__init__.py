@@ -2,7 +2,8 @@
 
 Importing this package registers its backbones, meta-architectures and bundled datasets.
 """
-from . import backbone, fcos, student, teacher, thumbdet  # noqa: F401  (registration by import)
+# Registration by import:
+from . import backbone, fcos, student, teacher, thumbdet, torchvision_backbone  # noqa: F401
 from .config import add_msad_config, load_config
 from .data import register_synthetic
 from .predictor import Predictor

@@ -79,10 +79,9 @@ class LevelsAboveP5(nn.Module):
         return [p6, self.p7(F.relu(p6))] if self.num_levels == 2 else [p6]
 
 
-@BACKBONE_REGISTRY.register()
-def build_slimmable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """ResNet at MODEL.SLIMMABLE.WIDTH, FPN on MODEL.FPN.IN_FEATURES, P6(/P7) from res5."""
-    bottom_up = build_slimmable_resnet(cfg, input_shape)
+def build_fpn(cfg, bottom_up):
+    """Detectron2's FPN on MODEL.FPN.IN_FEATURES of `bottom_up` (res2-res5 as Detectron2's
+    ResNet names its stages), P6(/P7) from res5: every backbone of this project ends here."""
     res5_channels = bottom_up.output_shape()["res5"].channels
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(
@@ -93,3 +92,9 @@ def build_slimmable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         top_block=LevelsAboveP5(res5_channels, out_channels, cfg.MODEL.FPN.NUM_TOP_LEVELS),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_slimmable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """ResNet at MODEL.SLIMMABLE.WIDTH, FPN on MODEL.FPN.IN_FEATURES, P6(/P7) from res5."""
+    return build_fpn(cfg, build_slimmable_resnet(cfg, input_shape))

@@ -41,6 +41,22 @@ def add_msad_config(cfg):
     # coarsest level is P6 (a P7 they never use would leave parameters without gradients).
     _C.MODEL.FPN.NUM_TOP_LEVELS = 2
 
+    # ---- torchvision backbones + FPN (msad/torchvision_backbone.py) -----------------------
+    # With MODEL.BACKBONE.NAME "build_torchvision_fpn_backbone" (MODEL.BACKBONE.FREEZE_AT and
+    # MODEL.FPN as for the slimmable one; torchvision's files expect INPUT.FORMAT "RGB" and
+    # torchvision's PIXEL_MEAN/PIXEL_STD, as configs/MSAD/Base-FCOS.yaml sets).
+    _C.MODEL.TORCHVISION = CN()
+    # The architecture, named as torchvision names it: "resnet18", "resnet34", "resnet50",
+    # "resnet101" (width 1.0) or "mobilenet_v2".
+    _C.MODEL.TORCHVISION.ARCH = "resnet50"
+    # Norm of its BatchNorm layers: "FrozenBN" (Detectron2's default for an ImageNet start),
+    # "BN", "SyncBN", ... (the MSAD teacher's BRANCH_BN needs one that learns statistics).
+    _C.MODEL.TORCHVISION.NORM = "FrozenBN"
+    # torchvision's ImageNet file of ARCH, as torchvision writes it (resnet50-0676ba61.pth,
+    # mobilenet_v2-b0353104.pth, ...), to initialise the backbone from; "" = random start.
+    # Relative paths as MODEL.SLIMMABLE.PRETRAINED.  MODEL.WEIGHTS, if set, is loaded afterwards.
+    _C.MODEL.TORCHVISION.PRETRAINED = ""
+
     # ---- FCOS: the detector's input scale and levels, head and losses (msad/fcos.py) --------
     # Read by every msad detector (msad/alignment.py has the rules).
     _C.MODEL.FCOS = CN()
@@ -184,7 +200,11 @@ def add_msad_config(cfg):
 # file that names them (as _BASE_ is), so that configs work from a Detectron2 checkout's root
 # with this project in projects/.  MODEL.WEIGHTS, MODEL.TEACHER.WEIGHTS and OUTPUT_DIR stay
 # relative to the current directory, as Detectron2's are.
-CONFIG_RELATIVE_PATHS = ("MODEL.TEACHER.CONFIG_FILE", "MODEL.SLIMMABLE.PRETRAINED")
+CONFIG_RELATIVE_PATHS = ("MODEL.TEACHER.CONFIG_FILE", "MODEL.SLIMMABLE.PRETRAINED",
+                         "MODEL.TORCHVISION.PRETRAINED")
+# Overrides that build a model without reading an ImageNet file, for a model whose trained
+# weights follow (a frozen teacher, a predictor) or whose cost alone is measured.
+NO_IMAGENET_START = ["MODEL.SLIMMABLE.PRETRAINED", "", "MODEL.TORCHVISION.PRETRAINED", ""]
 # What Detectron2's default_setup writes into OUTPUT_DIR: the full config of a run.
 TRAINING_CONFIG = "config.yaml"
 

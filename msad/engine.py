@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import check_width
 from .checkpoint import SafeCheckpointer, load_state_dict_file
-from .config import TRAINING_CONFIG, load_config
+from .config import NO_IMAGENET_START, TRAINING_CONFIG, load_config
 from .data import register_coco_from_config
 from .distill import DistilledDetector, freeze
 from .env import has_compiled_ops, summary
@@ -344,7 +344,7 @@ def build_frozen_teacher(cfg):
     spec = cfg.MODEL.TEACHER
     teacher_cfg = teacher_config(cfg)
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    teacher_cfg.MODEL.SLIMMABLE.PRETRAINED = ""  # its trained weights follow
+    teacher_cfg.merge_from_list(NO_IMAGENET_START)  # its trained weights follow
     teacher = build_model(teacher_cfg)
     state = load_state_dict_file(spec.WEIGHTS, "MODEL.TEACHER.WEIGHTS")
     expected = teacher.state_dict()

@@ -22,7 +22,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from .checkpoint import SafeCheckpointer, write_atomically
-from .config import inference_sizes, load_config
+from .config import NO_IMAGENET_START, inference_sizes, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Predictor:
         cfg.defrost()
         if input_scale is not None:
             cfg.MODEL.FCOS.INPUT_SCALE = input_scale
-        cfg.MODEL.SLIMMABLE.PRETRAINED = ""  # the weights below hold every parameter
+        cfg.merge_from_list(NO_IMAGENET_START)  # the weights below hold every parameter
         weights = weights or cfg.MODEL.WEIGHTS
         if not weights:
             raise ValueError("Predictor needs weights: give them, or set MODEL.WEIGHTS")

@@ -13,6 +13,12 @@ def quickstart_cfg(name="teacher", *opts):
     return load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
 
 
+def torchvision_opts(arch, norm="BN"):
+    """Overrides that put torchvision's `arch` (msad/torchvision_backbone.py) under a config."""
+    return ("MODEL.BACKBONE.NAME", "build_torchvision_fpn_backbone", "MODEL.TORCHVISION.ARCH", arch,
+            "MODEL.TORCHVISION.NORM", norm)
+
+
 @pytest.fixture(scope="session")
 def untrained_teachers(tmp_path_factory):
     """Randomly initialised quickstart teacher and HR FCOS checkpoints (teacher.pth,

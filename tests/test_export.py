@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import msad_runtime
-from conftest import REPO, quickstart_cfg
+from conftest import REPO, quickstart_cfg, torchvision_opts
 from export_model import CHECK_SHAPE, TRACE_SHAPE, synthetic_image
 from msad.checkpoint import SafeCheckpointer
 from msad.alignment import resize_by_convolution
@@ -29,20 +29,25 @@ TOLERANCE = 1e-4
 def weights(tmp_path_factory):
     """Each quickstart detector's checkpoint, randomly initialised but made to find many boxes
     (class probabilities near 0.27, boxes of about two strides): NMS and top-k have work to do."""
-    from detectron2.modeling import build_model
-
     root = tmp_path_factory.mktemp("export_weights")
     for name in DETECTORS:
-        torch.manual_seed(0)
-        model = build_model(quickstart_cfg(name))
-        with torch.no_grad():
-            model.head.cls_score.bias.fill_(-1.0)
-            model.head.cls_score.weight.mul_(0.1)
-            model.head.bbox_pred.bias.fill_(1.0)
-            model.head.bbox_pred.weight.mul_(0.1)
-        (root / name).mkdir()
-        SafeCheckpointer(model, str(root / name)).save("model_final")
+        save_firing(quickstart_cfg(name), root / name)
     return root
+
+
+def save_firing(cfg, folder):
+    """`cfg`'s model, random but made to find many boxes, saved as folder/model_final.pth."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(-1.0)
+        model.head.cls_score.weight.mul_(0.1)
+        model.head.bbox_pred.bias.fill_(1.0)
+        model.head.bbox_pred.weight.mul_(0.1)
+    folder.mkdir()
+    SafeCheckpointer(model, str(folder)).save("model_final")
 
 
 def config(name):
@@ -118,6 +123,19 @@ def test_raw_outputs_match_the_eager_head(weights, tmp_path, name, input_scale):
         assert list(logits.shape[2:]) == [s // level["stride"] for s in padded]
     with pytest.raises(msad_runtime.ExportError, match="no-postprocess"):
         detector(image)
+
+
+@pytest.mark.parametrize("input_scale", [None, "low"])
+def test_mobilenet_v2_student_exports(tmp_path, input_scale):
+    """The deployment case: a MobileNetV2 student (torchvision's layout) through ONNX."""
+    mobilenet = torchvision_opts("mobilenet_v2")
+    save_firing(quickstart_cfg("student", *mobilenet), tmp_path / "student")
+    predictor = predictor_for_export(config("student"), str(tmp_path / "student/model_final.pth"),
+                                     ["TEST.DETECTIONS_PER_IMAGE", 400, *mobilenet], input_scale)
+    assert type(predictor.model.backbone.bottom_up).__name__ == "MobileNetV2Backbone"
+    export(predictor, "onnx", str(tmp_path / "out"), synthetic_image(0, TRACE_SHAPE))
+    detector = msad_runtime.Detector(str(tmp_path / "out"))
+    assert_same_detections(predictor, detector, check_image(detector))
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])

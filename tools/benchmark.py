@@ -50,7 +50,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import msad  # noqa: E402,F401
 import msad_runtime  # noqa: E402
 from msad.checkpoint import SafeCheckpointer  # noqa: E402
-from msad.config import load_config  # noqa: E402
+from msad.config import NO_IMAGENET_START, load_config  # noqa: E402
 from msad.export import export, predictor_for_export  # noqa: E402
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime", "openvino")
@@ -105,7 +105,7 @@ def timed(fn, device, runs, warmup):
 
 
 def build(config, device, channels_last, input_scale="full"):
-    cfg = load_config(config, ["MODEL.DEVICE", device, "MODEL.SLIMMABLE.PRETRAINED", "",
+    cfg = load_config(config, ["MODEL.DEVICE", device, *NO_IMAGENET_START,
                                "MODEL.FCOS.INPUT_SCALE", input_scale])
     model = build_model(cfg)
     if channels_last:
@@ -175,7 +175,7 @@ def export_one(args, cfg, model, config, input_scale, size):
     cv2.imwrite(image_path, image)
     # No test resize: the exported model is timed on the image eager PyTorch is given.
     predictor = predictor_for_export(config, os.path.join(weights, "model.pth"),
-                                     ["MODEL.SLIMMABLE.PRETRAINED", "", "INPUT.MIN_SIZE_TEST", 0],
+                                     [*NO_IMAGENET_START, "INPUT.MIN_SIZE_TEST", 0],
                                      input_scale)
     folder = os.path.join(args.workdir, "exported")
     export(predictor, EXPORT_FORMATS[args.runtime], folder, image)
