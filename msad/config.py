@@ -202,9 +202,12 @@ def add_msad_config(cfg):
 # relative to the current directory, as Detectron2's are.
 CONFIG_RELATIVE_PATHS = ("MODEL.TEACHER.CONFIG_FILE", "MODEL.SLIMMABLE.PRETRAINED",
                          "MODEL.TORCHVISION.PRETRAINED")
+# The key naming the ImageNet file each backbone starts from.
+IMAGENET_START_KEYS = {"build_slimmable_resnet_fpn_backbone": "MODEL.SLIMMABLE.PRETRAINED",
+                       "build_torchvision_fpn_backbone": "MODEL.TORCHVISION.PRETRAINED"}
 # Overrides that build a model without reading an ImageNet file, for a model whose trained
 # weights follow (a frozen teacher, a predictor) or whose cost alone is measured.
-NO_IMAGENET_START = ["MODEL.SLIMMABLE.PRETRAINED", "", "MODEL.TORCHVISION.PRETRAINED", ""]
+NO_IMAGENET_START = [item for key in IMAGENET_START_KEYS.values() for item in (key, "")]
 # What Detectron2's default_setup writes into OUTPUT_DIR: the full config of a run.
 TRAINING_CONFIG = "config.yaml"
 

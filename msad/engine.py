@@ -1,5 +1,6 @@
 """What train_net_T.py and train_net_S.py share: config set-up, the trainers and their hooks,
 teacher loading."""
+import functools
 import logging
 import os
 import tempfile
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import check_width
 from .checkpoint import SafeCheckpointer, load_state_dict_file
-from .config import NO_IMAGENET_START, TRAINING_CONFIG, load_config
+from .config import IMAGENET_START_KEYS, NO_IMAGENET_START, TRAINING_CONFIG, load_config
 from .data import register_coco_from_config
 from .distill import DistilledDetector, freeze
 from .env import has_compiled_ops, summary
@@ -186,6 +187,10 @@ class Trainer(DefaultTrainer):
         weights = cfg.MODEL.WEIGHTS.split("?")[0]  # Detectron2 accepts ?matching_heuristics=True
         if not resumes and weights and "://" not in weights and not os.path.isfile(weights):
             raise FileNotFoundError(f"MODEL.WEIGHTS: no such file {weights}")
+        start = IMAGENET_START_KEYS.get(cfg.MODEL.BACKBONE.NAME)  # the backbone's ImageNet file
+        path = start and functools.reduce(getattr, start.split("."), cfg)
+        if not resumes and path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{start}: no such file {path}")
         check_bad_image_policy(cfg.DATALOADER.BAD_IMAGES)
 
     @classmethod

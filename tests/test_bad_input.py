@@ -13,7 +13,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from conftest import REPO, quickstart_cfg
+from conftest import REPO, quickstart_cfg, torchvision_opts
 from msad.checkpoint import SafeCheckpointer
 from msad.data import generate_split, load_coco_checked
 from msad.engine import build_frozen_teacher
@@ -258,6 +258,8 @@ def test_odd_sizes_keep_the_hr_lr_alignment_exact(cfg):
     (["MODEL.SLIMMABLE.WIDTH", "0.6"], "MODEL.SLIMMABLE.WIDTH=0.6 is not one of"),
     (["DATALOADER.BAD_IMAGES", "ignore"], "DATALOADER.BAD_IMAGES='ignore'"),
     (["MODEL.WEIGHTS", "no/such/model.pth"], "MODEL.WEIGHTS: no such file no/such/model.pth"),
+    ([*torchvision_opts("mobilenet_v2"), "MODEL.TORCHVISION.PRETRAINED", "no/mnv2.pth"],
+     "MODEL.TORCHVISION.PRETRAINED: no such file no/mnv2.pth"),
 ])
 def test_bad_config_values_are_named_before_anything_is_written(tmp_path, opts, message):
     proc = train_net("--config-file", QUICKSTART_TEACHER, *opts, "OUTPUT_DIR", tmp_path / "out")

@@ -7,7 +7,7 @@ import pytest
 from detectron2.modeling import build_model
 
 from conftest import REPO
-from msad.config import load_config
+from msad.config import NO_IMAGENET_START, load_config
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 ZOO = [c for c in CONFIGS if os.path.basename(c).startswith("SLR") and "light" not in c
@@ -26,7 +26,7 @@ def test_the_zoo_is_complete():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
 def test_config_builds_its_model(path):
-    cfg = load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.SLIMMABLE.PRETRAINED", ""])
+    cfg = load_config(path, ["MODEL.DEVICE", "cpu", *NO_IMAGENET_START])
     model = build_model(cfg)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
 
@@ -92,6 +92,52 @@ def flat_keys(node, prefix=""):
             yield from flat_keys(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
+
+
+TORCHVISION_ZOO = sorted(glob.glob(os.path.join(REPO, "configs", "*", "torchvision", "*.yaml")))
+# The zoo's prefix: torchvision's architecture and the ImageNet file the README names.
+TORCHVISION_FILES = {"R50": ("resnet50", "resnet50-0676ba61.pth"),
+                     "MNV2": ("mobilenet_v2", "mobilenet_v2-b0353104.pth")}
+
+
+def test_the_torchvision_zoo_is_complete():
+    names = {os.path.relpath(c, os.path.join(REPO, "configs")) for c in TORCHVISION_ZOO}
+    assert names == {f"{folder}/torchvision/{prefix}-{model}.yaml" for prefix in TORCHVISION_FILES
+                     for folder, models in (("MSAD", ("HR-FCOS", "LR-FCOS", "T", "S")),
+                                            ("ThumbDet", ("ThumbDet-2x", "ThumbDet-4x",
+                                                          "Bicubic-2x", "Bicubic-4x")))
+                     for model in models}
+
+
+@pytest.mark.parametrize("path", TORCHVISION_ZOO, ids=lambda p: os.path.relpath(p, REPO))
+def test_torchvision_zoo_configs_are_their_base_on_torchvision_s_backbone(path):
+    """Each is the zoo config it inherits, with the backbone, its own OUTPUT_DIR and a teacher
+    (or start) of the same backbone changed, and nothing else."""
+    import yaml
+
+    from msad.predictor import config_value
+
+    cfg = load_config(path)
+    with open(path) as f:
+        base = load_config(os.path.join(os.path.dirname(path), yaml.safe_load(f)["_BASE_"]))
+    prefix = os.path.basename(path).split("-")[0]
+    arch, imagenet_file = TORCHVISION_FILES[prefix]
+    assert cfg.MODEL.TORCHVISION.ARCH == arch and cfg.MODEL.TORCHVISION.NORM == "SyncBN"
+    assert cfg.MODEL.TORCHVISION.PRETRAINED == os.path.join(REPO, "pretrained", imagenet_file)
+    differ = {k for k in flat_keys(cfg) if config_value(cfg, k) != config_value(base, k)}
+    assert differ - {"MODEL.TEACHER.CONFIG_FILE", "MODEL.TEACHER.WEIGHTS", "MODEL.WEIGHTS"} == {
+        "MODEL.BACKBONE.NAME", "MODEL.TORCHVISION.NORM", "MODEL.TORCHVISION.PRETRAINED",
+        "OUTPUT_DIR"} | ({"MODEL.TORCHVISION.ARCH"} if arch != "resnet50" else set())
+    assert cfg.OUTPUT_DIR != base.OUTPUT_DIR
+    # A teacher (students, ThumbDet) or a start (the bicubic baselines) of the same backbone.
+    hr_fcos = os.path.join(REPO, "configs", "MSAD", "torchvision", f"{prefix}-HR-FCOS.yaml")
+    for weights, config in ((cfg.MODEL.TEACHER.WEIGHTS, cfg.MODEL.TEACHER.CONFIG_FILE),
+                            (cfg.MODEL.WEIGHTS, hr_fcos)):
+        if weights:
+            teacher = load_config(config)
+            assert weights == os.path.join(teacher.OUTPUT_DIR, "model_final.pth")
+            assert teacher.MODEL.TORCHVISION.ARCH == arch
+            assert teacher.MODEL.BACKBONE.NAME == "build_torchvision_fpn_backbone"
 
 
 @pytest.mark.parametrize("old_key, value", [

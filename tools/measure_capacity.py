@@ -41,7 +41,7 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 import msad  # noqa: E402,F401
 from msad.backbone import build_slimmable_resnet  # noqa: E402
-from msad.config import load_config  # noqa: E402
+from msad.config import NO_IMAGENET_START, load_config  # noqa: E402
 
 # MSAD README, "Capacity" column: width -> (teacher, student).
 PAPER_CAPACITY = {0.25: (0.08, 0.02), 0.5: (0.31, 0.06), 0.75: (0.70, 0.14), 1.0: (1.25, 0.25)}
@@ -55,6 +55,11 @@ MODELS = (
     ("ThumbDet 4x", "configs/ThumbDet/ThumbDet-4x.yaml"),
     ("bicubic 2x", "configs/ThumbDet/Bicubic-2x.yaml"),
     ("bicubic 4x", "configs/ThumbDet/Bicubic-4x.yaml"),
+    *((f"{name}, {backbone}", f"configs/{folder}/torchvision/{prefix}-{config}.yaml")
+      for backbone, prefix in (("tv R50", "R50"), ("MNV2", "MNV2"))
+      for name, folder, config in (("HR FCOS", "MSAD", "HR-FCOS"), ("MSAD teacher", "MSAD", "T"),
+                                   ("MSAD student", "MSAD", "S"),
+                                   ("ThumbDet 4x", "ThumbDet", "ThumbDet-4x"))),
 )
 # Counted at the same cost in every model, so left out: norms, activations, resizing.
 _IGNORED_OPS = ("aten::batch_norm", "aten::group_norm", "aten::upsample_nearest2d",
@@ -70,7 +75,7 @@ def count_macs(module, *inputs):
 
 def resnet_macs(width, size, depth=50):
     cfg = load_config(os.path.join(REPO, "configs/MSAD/Base-FCOS.yaml"), [
-        "MODEL.SLIMMABLE.WIDTH", width, "MODEL.SLIMMABLE.PRETRAINED", "",
+        "MODEL.SLIMMABLE.WIDTH", width, *NO_IMAGENET_START,
         "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.DEPTH", depth])
     resnet = build_slimmable_resnet(cfg, ShapeSpec(channels=3)).eval()
     return count_macs(resnet, torch.zeros(1, 3, *size))
@@ -124,7 +129,7 @@ def end_to_end_table(size):
     rows = []
     for name, config in MODELS:
         cfg = load_config(os.path.join(REPO, config), [
-            "MODEL.DEVICE", "cpu", "MODEL.SLIMMABLE.PRETRAINED", "", "MODEL.RESNETS.NORM", "FrozenBN"])
+            "MODEL.DEVICE", "cpu", *NO_IMAGENET_START])
         model = build_model(cfg).eval()
         parts, inputs = model_macs(model, size)
         rows.append({"model": name, "config": config, "backbone_inputs": [list(i) for i in inputs],
@@ -155,12 +160,12 @@ def main():
         print(f"\nEnd-to-end inference GMACs at {size[0]}x{size[1]} (width 1.0, zoo configs):")
         table = end_to_end_table(size)
         keys = ["backbone", "fpn", "head", "fusion", "downsampler", "total"]
-        print(f"{'model':<20} {'backbone input':<20}" + "".join(f"{k:>12}" for k in keys)
+        print(f"{'model':<28} {'backbone input':<20}" + "".join(f"{k:>12}" for k in keys)
               + f"{'vs HR':>8}")
         for r in table:
             cells = "".join(f"{r.get(k, 0.0):12.1f}" for k in keys)
             inputs = " + ".join("x".join(map(str, i)) for i in r["backbone_inputs"])
-            print(f"{r['model']:<20} {inputs:<20}{cells}"
+            print(f"{r['model']:<28} {inputs:<20}{cells}"
                   f"{r['total'] / table[0]['total']:8.2f}")
         result.update(end_to_end=table, size=list(size))
 
