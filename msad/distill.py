@@ -167,7 +167,8 @@ class DistilledDetector:
         if mismatched or not taken:
             raise ValueError("MODEL.TEACHER.INIT_STUDENT: the teacher's weights do not fit the "
                              f"student ({len(mismatched)} of another shape, e.g. "
-                             f"{mismatched[:3]}); use the same MODEL.SLIMMABLE.WIDTH and "
+                             f"{mismatched[:3]}); use the same backbone (MODEL.BACKBONE.NAME, "
+                             "MODEL.SLIMMABLE.WIDTH or MODEL.TORCHVISION.ARCH) and "
                              "MODEL.FPN.OUT_CHANNELS, or set INIT_STUDENT False")
         self.load_state_dict(taken, strict=False)
         logger.info("Student initialised from the teacher: %d of %d tensors", len(taken), len(own))

@@ -183,3 +183,21 @@ def test_every_detector_trains_a_step_on_the_backbone(arch, name, trained_teache
     with torch.no_grad():
         (result,) = model(_inputs([(120, 100)], with_boxes=False))
     assert result["instances"].image_size == (120, 100)
+
+
+def test_a_student_distills_from_a_teacher_on_another_backbone_but_cannot_start_from_it(
+        trained_teachers):
+    """A MobileNetV2 student learns from a ResNet-18 teacher's aligned FPN levels (same FPN
+    width); copying the teacher's weights into it is refused, naming the keys to match."""
+    from msad.engine import build_frozen_teacher
+
+    cfg = quickstart_cfg("student", *torchvision_opts("mobilenet_v2"), "MODEL.TEACHER.WEIGHTS",
+                         str(trained_teachers / "resnet18" / "teacher" / "model_final.pth"))
+    student = build_model(cfg).train()
+    student.attach_teacher(build_frozen_teacher(cfg))
+    assert type(student.teacher.backbone.bottom_up).__name__ == "ResNet"
+    with pytest.raises(ValueError, match=r"of another shape.*MODEL.TORCHVISION.ARCH"):
+        student.init_from_teacher()
+    with EventStorage(0):
+        losses = student(_inputs([(128, 128)]))
+    assert losses["loss_distill"] > 0
