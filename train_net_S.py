@@ -11,7 +11,7 @@ alone and needs no teacher.
 from detectron2.engine import default_argument_parser, launch
 
 import msad  # noqa: F401  (registers the architectures and datasets)
-from msad.engine import DistillationTrainer, run
+from msad.engine.defaults import DistillationTrainer, run
 
 
 def main(args):

@@ -10,7 +10,7 @@ Detectron2 needs editing.
 from detectron2.engine import default_argument_parser, launch
 
 import msad  # noqa: F401  (registers the architectures and datasets)
-from msad.engine import run
+from msad.engine.defaults import run
 
 
 def main(args):

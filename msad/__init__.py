@@ -3,10 +3,10 @@
 Importing this package registers its backbones, meta-architectures and bundled datasets.
 """
 # Registration by import:
-from . import backbone, fcos, student, teacher, thumbdet, torchvision_backbone  # noqa: F401
+from . import modeling  # noqa: F401
 from .config import add_msad_config, load_config
-from .data import register_synthetic
-from .predictor import Predictor
+from .data.synthetic import register_synthetic
+from .export.predictor import Predictor
 
 register_synthetic()
 

@@ -21,10 +21,10 @@ def add_msad_config(cfg):
     _C.DATASETS.COCO_INSTANCES = []
     # A training image that is missing, truncated, not an image or of another size than its
     # record: "raise" stops the run naming the file; "skip" leaves it out and counts it in the
-    # log (msad/input_checks.py).  Evaluation always stops, since skipping changes the metrics.
+    # log (msad/data/input_checks.py).  Evaluation always stops, since skipping changes the metrics.
     _C.DATALOADER.BAD_IMAGES = "raise"
 
-    # ---- Slimmable ResNet + FPN backbone (msad/backbone.py, msad/slimmable.py) ---------
+    # ---- Slimmable ResNet + FPN backbone (msad/modeling/backbone.py, msad/checkpoint/slimmable.py) ---------
     _C.MODEL.SLIMMABLE = CN()
     # Width multiplier of the ResNet: stem int(64w), res2 int(256w), bottleneck int(64w).
     _C.MODEL.SLIMMABLE.WIDTH = 1.0
@@ -41,7 +41,7 @@ def add_msad_config(cfg):
     # coarsest level is P6 (a P7 they never use would leave parameters without gradients).
     _C.MODEL.FPN.NUM_TOP_LEVELS = 2
 
-    # ---- torchvision backbones + FPN (msad/torchvision_backbone.py) -----------------------
+    # ---- torchvision backbones + FPN (msad/modeling/torchvision_backbone.py) -----------------------
     # With MODEL.BACKBONE.NAME "build_torchvision_fpn_backbone" (MODEL.BACKBONE.FREEZE_AT and
     # MODEL.FPN as for the slimmable one; torchvision's files expect INPUT.FORMAT "RGB" and
     # torchvision's PIXEL_MEAN/PIXEL_STD, as configs/MSAD/Base-FCOS.yaml sets).
@@ -57,8 +57,8 @@ def add_msad_config(cfg):
     # Relative paths as MODEL.SLIMMABLE.PRETRAINED.  MODEL.WEIGHTS, if set, is loaded afterwards.
     _C.MODEL.TORCHVISION.PRETRAINED = ""
 
-    # ---- FCOS: the detector's input scale and levels, head and losses (msad/fcos.py) --------
-    # Read by every msad detector (msad/alignment.py has the rules).
+    # ---- FCOS: the detector's input scale and levels, head and losses (msad/modeling/fcos.py) --------
+    # Read by every msad detector (msad/modeling/alignment.py has the rules).
     _C.MODEL.FCOS = CN()
     _C.MODEL.FCOS.NUM_CLASSES = 80  # COCO
     # The detector sees the padded image at 1/INPUT_FACTOR (a power of two): 1 = the full image
@@ -108,7 +108,7 @@ def add_msad_config(cfg):
     _C.MODEL.FCOS.BOX_LOSS_WEIGHTING = "uniform"
     # (Detections per image after NMS: Detectron2's TEST.DETECTIONS_PER_IMAGE, 100.)
 
-    # ---- MSAD teacher (msad/teacher.py) -------------------------------------------------
+    # ---- MSAD teacher (msad/modeling/teacher.py) -------------------------------------------------
     _C.MODEL.MSAD = CN()
     # The teacher's second branch sees 1/LR_FACTOR of its input (MODEL.FCOS.INPUT_RESAMPLE) and
     # reads the levels aligned with MODEL.FCOS.IN_FEATURES: its P(l) pairs with the input's
@@ -131,7 +131,7 @@ def add_msad_config(cfg):
     # training step: only the statistics inference (and an eval-mode student's teacher) uses.
     _C.MODEL.MSAD.BRANCH_BN = False
 
-    # ---- MSAD student (msad/student.py) --------------------------------------------------
+    # ---- MSAD student (msad/modeling/student.py) --------------------------------------------------
     # Distillation loss = KD_ALPHA x T^2 x warm-up x sum over aligned levels of
     # mean |student / T - teacher fused / T|, with T = KD_TEMPERATURE.
     _C.MODEL.MSAD.KD_ALPHA = 0.2
@@ -152,7 +152,7 @@ def add_msad_config(cfg):
     # backward pass through the head on those iterations.
     _C.MODEL.MSAD.GRAD_SHARE_PERIOD = 20
 
-    # ---- The teacher of every distilled detector: MSAD student, ThumbDet (msad/distill.py) --
+    # ---- The teacher of every distilled detector: MSAD student, ThumbDet (msad/modeling/distill.py) --
     _C.MODEL.TEACHER = CN()
     # Checkpoint of the frozen teacher, relative to the current directory like MODEL.WEIGHTS.
     # Needed to train; never loaded by --eval-only.
@@ -172,7 +172,7 @@ def add_msad_config(cfg):
     # teacher; its running statistics then move, its weights do not).
     _C.MODEL.TEACHER.BN_MODE = "eval"
 
-    # ---- ThumbDet (msad/thumbdet.py): the thumbnail is 1/MODEL.FCOS.INPUT_FACTOR (2 or 4) of
+    # ---- ThumbDet (msad/modeling/thumbdet.py): the thumbnail is 1/MODEL.FCOS.INPUT_FACTOR (2 or 4) of
     # the image, its head reads MODEL.FCOS.IN_FEATURES of it, its teacher is MODEL.TEACHER ----
     _C.MODEL.THUMBDET = CN()
     _C.MODEL.THUMBDET.HIDDEN_CHANNELS = 12  # channels between the down-sampler's two convs

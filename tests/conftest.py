@@ -14,7 +14,7 @@ def quickstart_cfg(name="teacher", *opts):
 
 
 def torchvision_opts(arch, norm="BN"):
-    """Overrides that put torchvision's `arch` (msad/torchvision_backbone.py) under a config."""
+    """Overrides that put torchvision's `arch` (msad/modeling/torchvision_backbone.py) under a config."""
     return ("MODEL.BACKBONE.NAME", "build_torchvision_fpn_backbone", "MODEL.TORCHVISION.ARCH", arch,
             "MODEL.TORCHVISION.NORM", norm)
 
@@ -25,7 +25,7 @@ def untrained_teachers(tmp_path_factory):
     hr_baseline.pth): a frozen teacher needs weights, not good ones."""
     import torch
     from detectron2.modeling import build_model
-    from msad.checkpoint import SafeCheckpointer
+    from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 
     out = tmp_path_factory.mktemp("teachers")
     torch.manual_seed(0)

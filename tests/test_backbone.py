@@ -3,8 +3,8 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
-from msad.backbone import BLOCKS_PER_STAGE, build_slimmable_resnet, resnet_channels
-from msad.slimmable import load_slimmable_resnet
+from msad.checkpoint.slimmable import load_slimmable_resnet
+from msad.modeling.backbone import BLOCKS_PER_STAGE, build_slimmable_resnet, resnet_channels
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 

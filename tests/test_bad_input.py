@@ -14,10 +14,11 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from conftest import REPO, quickstart_cfg, torchvision_opts
-from msad.checkpoint import SafeCheckpointer
-from msad.data import generate_split, load_coco_checked
-from msad.engine import build_frozen_teacher
-from msad.input_checks import BadImageError, CheckedDatasetMapper, check_training_records
+from msad.checkpoint.detection_checkpoint import SafeCheckpointer
+from msad.data.coco import load_coco_checked
+from msad.data.input_checks import BadImageError, CheckedDatasetMapper, check_training_records
+from msad.data.synthetic import generate_split
+from msad.engine.teacher import build_frozen_teacher
 from test_reliability import _RunsCode
 from test_teacher import _inputs
 from test_train_net import QUICKSTART_TEACHER, train_net

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from msad import compare
-from msad.paired import paired_difference, t_quantile, verdict
+from msad.benchmark import compare
+from msad.benchmark.paired import paired_difference, t_quantile, verdict
 
 
 @pytest.mark.parametrize("dof, quantile", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764),

@@ -13,7 +13,7 @@ CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recurs
 ZOO = [c for c in CONFIGS if os.path.basename(c).startswith("SLR") and "light" not in c
        and os.sep + "official" + os.sep not in c]
 OFFICIAL = sorted(glob.glob(os.path.join(REPO, "configs", "MSAD", "official", "SLR*.yaml")))
-# What the official MSAD inference does differently (msad/official.py, README).
+# What the official MSAD inference does differently (msad/checkpoint/official.py, README).
 OFFICIAL_INFERENCE = {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.530, 116.280, 123.675],
                       "MODEL.PIXEL_STD": [1.0, 1.0, 1.0], "MODEL.FCOS.SIZE_DIVISIBILITY": 256,
                       "MODEL.FCOS.TOPK_RANKING": "product", "MODEL.SLIMMABLE.PRETRAINED": ""}
@@ -72,7 +72,7 @@ def test_official_configs_are_the_zoo_with_the_official_inference(path):
     """configs/MSAD/official/X = configs/MSAD/X with only the official inference settings
     (and where the converted weights are) changed; an official teacher has one set of BatchNorm
     statistics for both branches, where the zoo's keeps one per branch."""
-    from msad.predictor import config_value
+    from msad.checkpoint.model_info import config_value
 
     cfg, zoo = load_config(path), load_config(os.path.join(os.path.dirname(path), "..",
                                                            os.path.basename(path)))
@@ -115,7 +115,7 @@ def test_torchvision_zoo_configs_are_their_base_on_torchvision_s_backbone(path):
     (or start) of the same backbone changed, and nothing else."""
     import yaml
 
-    from msad.predictor import config_value
+    from msad.checkpoint.model_info import config_value
 
     cfg = load_config(path)
     with open(path) as f:

@@ -1,4 +1,4 @@
-"""VOC and YOLO labels to COCO (msad/convert.py, tools/convert_dataset.py), on hand-made files."""
+"""VOC and YOLO labels to COCO (msad/data/label_formats.py, tools/convert_dataset.py), on hand-made files."""
 import json
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import convert_dataset
-from msad.convert import voc_to_coco, yolo_to_coco
+from msad.data.label_formats import voc_to_coco, yolo_to_coco
 
 VOC_XML = """<annotation>
   <filename>{filename}</filename>
@@ -108,7 +108,7 @@ def test_yolo_errors_name_the_file_and_line(yolo, line, message):
 
 
 def test_the_tool_writes_a_json_the_trainers_read_and_never_overwrites_one(yolo, capsys):
-    from msad.data import load_coco_checked
+    from msad.data.coco import load_coco_checked
 
     out = yolo / "train.json"
     args = ["yolo", "--labels", str(yolo / "labels"), "--images", str(yolo / "images"),

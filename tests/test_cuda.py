@@ -71,7 +71,7 @@ def test_train_and_eval_scripts_run_on_cuda(tmp_path):
 def test_thumbdet_trains_a_step_on_cuda(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from msad.engine import build_frozen_teacher
+    from msad.engine.teacher import build_frozen_teacher
 
     teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.DEVICE", "cuda"))
     DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save("hr")

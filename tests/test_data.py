@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog
 
-from msad.data import CLASSES, SPLITS, generate_split, register_coco_from_config
+from msad.data.coco import register_coco_from_config
+from msad.data.synthetic import CLASSES, SPLITS, generate_split
 
 
 # sha256 of the annotations of 6 msad_synth images of seed 5, from the generator of 67ed1f5.
@@ -62,7 +63,7 @@ def test_catalog_loads_bundled_split_with_all_boxes(split):
     dicts = DatasetCatalog.get(f"msad_synth_{split}")
     spec = next(s for s in SPLITS if s.name == split)
     assert len(dicts) == spec.num_images
-    from msad.data import split_paths
+    from msad.data.synthetic import split_paths
 
     coco = json.load(open(split_paths(split)[0]))
     want = collections.Counter(a["image_id"] for a in coco["annotations"])
@@ -82,7 +83,7 @@ def test_user_coco_dataset_from_config(tmp_path, cfg):
 
 
 def test_detail_scenes_are_small_objects_in_pairs_told_apart_by_a_hole(tmp_path):
-    from msad.data import DETAIL
+    from msad.data.synthetic import DETAIL
 
     coco = generate_split(str(tmp_path / "d.json"), str(tmp_path / "images"), 20, 4, scene=DETAIL)
     again = generate_split(str(tmp_path / "e.json"), str(tmp_path / "images2"), 20, 4, scene=DETAIL)
@@ -94,7 +95,7 @@ def test_detail_scenes_are_small_objects_in_pairs_told_apart_by_a_hole(tmp_path)
     assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3, 4}
     import cv2
 
-    from msad.data import _shape_mask
+    from msad.data.synthetic import _shape_mask
 
     rng = np.random.default_rng(0)
     ring = _shape_mask(rng, "ring", 30, 64, 64)

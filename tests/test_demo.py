@@ -12,8 +12,9 @@ import torch
 
 import demo
 from conftest import REPO
-from msad.data import CLASSES
-from msad.predictor import MODEL_INFO, Predictor
+from msad.checkpoint.model_info import MODEL_INFO
+from msad.data.synthetic import CLASSES
+from msad.export.predictor import Predictor
 from test_bad_input import edit_json, small_dataset
 from test_train_net import train_net
 

@@ -79,7 +79,7 @@ def test_the_students_frozen_teacher_is_outside_ddp_and_the_optimizer(untrained_
     from torch.nn.parallel import DistributedDataParallel
 
     from conftest import quickstart_cfg
-    from msad.engine import DistillationTrainer
+    from msad.engine.defaults import DistillationTrainer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)  # so that the trainer wraps in DDP

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import msad_runtime
 from conftest import REPO, quickstart_cfg, torchvision_opts
 from export_model import CHECK_SHAPE, TRACE_SHAPE, synthetic_image
-from msad.checkpoint import SafeCheckpointer
-from msad.alignment import resize_by_convolution
-from msad.export import (ExportedPredictor, check_format, eager_raw, export,
-                        predictor_for_export)
+from msad.checkpoint.detection_checkpoint import SafeCheckpointer
+from msad.export.exporter import (ExportedPredictor, check_format, eager_raw, export,
+                                  predictor_for_export)
+from msad.modeling.resample import resize_by_convolution
 from test_tools import run_tool
 
 DETECTORS = ("hr_baseline", "lr_baseline", "teacher", "student", "student_light", "bicubic_4x",

@@ -5,7 +5,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import quickstart_cfg
-from msad.input_checks import CheckedDatasetMapper
+from msad.data.input_checks import CheckedDatasetMapper
 from test_teacher import _inputs
 
 
@@ -92,7 +92,7 @@ def test_decimated_dataset_is_what_the_nearest_trained_model_makes_inside(tmp_pa
 
 
 def test_area_resampling_is_the_mean_of_each_block():
-    from msad.alignment import downsample
+    from msad.modeling.resample import downsample
 
     x = torch.rand(2, 3, 8, 12)
     torch.testing.assert_close(downsample(x, 2, "area"), torch.nn.functional.avg_pool2d(x, 2))

@@ -16,8 +16,9 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
 from conftest import quickstart_cfg
-from msad.data import generate_split, register_coco_checked
-from msad.engine import Trainer
+from msad.data.coco import register_coco_checked
+from msad.data.synthetic import generate_split
+from msad.engine.defaults import Trainer
 
 NUM_IMAGES = 1000
 PROBES = (100, NUM_IMAGES)

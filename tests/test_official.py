@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import msad.official as official
+import msad.checkpoint.official as official
 from conftest import REPO
+from msad.checkpoint.official import WIDTH_LIST, convert
 from msad.config import load_config
-from msad.official import WIDTH_LIST, convert
 from test_tools import run_tool
 from test_train_net import final_ap, train_net
 

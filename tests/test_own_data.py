@@ -75,7 +75,7 @@ def test_a_teacher_config_named_on_the_command_line_is_used_and_checked(three_cl
     cfg = load_config(f"{REPO}/configs/quickstart/student.yaml",
                       ["MODEL.TEACHER.WEIGHTS", str(weights), "MODEL.TEACHER.CONFIG_FILE", named])
     assert cfg.MODEL.TEACHER.CONFIG_FILE == named
-    from msad.engine import teacher_config
+    from msad.engine.teacher import teacher_config
 
     with pytest.raises(ValueError, match="MODEL.META_ARCHITECTURE 'SingleScaleFCOS' "
                        r"\(trained with 'MultiScaleTeacher'\)"):
@@ -152,19 +152,19 @@ def test_a_save_into_a_full_file_system_names_the_cause_and_keeps_the_last_check
 
     from detectron2.modeling import build_model
 
-    import msad.checkpoint as checkpoint
+    import msad.utils.io as io_module
     from conftest import quickstart_cfg
-    from msad.checkpoint import SafeCheckpointer
+    from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 
     saver = SafeCheckpointer(build_model(quickstart_cfg("hr_baseline")), str(tmp_path))
     saver.save("model_0000099")
     kept = (tmp_path / "model_0000099.pth").read_bytes()
 
     def full_disk(path, mode="r", *args, **kwargs):  # /dev/full: every write fails with ENOSPC
-        return builtins.open("/dev/full" if checkpoint.TEMPORARY_SUFFIX in path else path,
+        return builtins.open("/dev/full" if io_module.TEMPORARY_SUFFIX in path else path,
                              mode, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "open", full_disk, raising=False)
+    monkeypatch.setattr(io_module, "open", full_disk, raising=False)
     with pytest.raises(OSError, match=r"ran out of space while saving model_0000199.pth: a "
                        r"checkpoint of this run needs about \d+ MiB, \d+ MiB are free there"
                        r".*last complete checkpoint is kept \(.*model_0000099.pth\)"):
@@ -179,7 +179,7 @@ def write_yolo_dataset(root, n, seed):
     size), classes.txt; one image left without a label file."""
     import json
 
-    from msad.data import CLASSES, generate_split
+    from msad.data.synthetic import CLASSES, generate_split
 
     coco = generate_split(str(root / "coco.json"), str(root / "images"), n, seed)
     sizes = {i["id"]: (i["width"], i["height"], i["file_name"]) for i in coco["images"]}

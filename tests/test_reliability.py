@@ -6,9 +6,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-import msad.checkpoint as checkpoint_module
+import msad.checkpoint.detection_checkpoint as checkpoint_module
 from conftest import quickstart_cfg
-from msad.checkpoint import SafeCheckpointer, load_state_dict_file
+from msad.checkpoint.detection_checkpoint import SafeCheckpointer, load_state_dict_file
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

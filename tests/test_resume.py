@@ -11,8 +11,9 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, quickstart_cfg
-from msad.checkpoint import SafeCheckpointer
-from msad.engine import DistillationTrainer, IterationSchedule
+from msad.checkpoint.detection_checkpoint import SafeCheckpointer
+from msad.engine.defaults import DistillationTrainer
+from msad.engine.hooks import IterationSchedule
 from test_train_net import train_net
 
 MAX_ITER = 40

@@ -28,7 +28,7 @@ def test_env_summary_names_the_detectron2_and_torch_in_use():
     import detectron2
     import torch
 
-    from msad.env import has_compiled_ops, summary
+    from msad.utils.env import has_compiled_ops, summary
 
     text = summary()
     assert os.path.dirname(detectron2.__file__) in text and torch.__version__ in text

@@ -10,9 +10,11 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, quickstart_cfg
-from msad.alignment import Branch
-from msad.distill import aligned_feature_l1, warmup_factor
-from msad.engine import DistillationTrainer, IterationSchedule, build_frozen_teacher
+from msad.engine.defaults import DistillationTrainer
+from msad.engine.hooks import IterationSchedule
+from msad.engine.teacher import build_frozen_teacher
+from msad.modeling.alignment import Branch
+from msad.modeling.distill import aligned_feature_l1, warmup_factor
 from test_teacher import _inputs
 
 

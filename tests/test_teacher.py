@@ -10,10 +10,11 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import quickstart_cfg
-from msad.alignment import (Branch, check_levels, downsample, level_shift, padding_multiple,
-                            shift_levels)
-from msad.distill import batch_norms
-from msad.teacher import CrossLevelFusion, add_branch_statistics, lr_statistics
+from msad.modeling.alignment import (Branch, check_levels, level_shift, padding_multiple,
+                                     shift_levels)
+from msad.modeling.distill import batch_norms
+from msad.modeling.resample import downsample
+from msad.modeling.teacher import CrossLevelFusion, add_branch_statistics, lr_statistics
 
 
 def _inputs(sizes, seed=0, with_boxes=True):
@@ -297,7 +298,7 @@ def test_centerness_weighted_box_loss_is_the_official_one():
 
 
 def test_fusion_learning_rate_factor_scales_the_fusion_parameters_alone():
-    from msad.engine import Trainer
+    from msad.engine.defaults import Trainer
 
     cfg = quickstart_cfg("teacher", "MODEL.MSAD.FUSION_LR_FACTOR", 0.1)
     teacher = build_model(cfg)

@@ -9,10 +9,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, quickstart_cfg
-from msad.alignment import downsample
-from msad.engine import build_frozen_teacher
-from msad.thumbdet import (CONSTANT_CHANNEL_STD, LearnedDownsampler, detection_phase,
-                           feature_mimic, image_statistics_loss, sigmoid_kd)
+from msad.engine.teacher import build_frozen_teacher
+from msad.modeling.resample import downsample
+from msad.modeling.thumbdet import (CONSTANT_CHANNEL_STD, LearnedDownsampler, detection_phase,
+                                    feature_mimic, image_statistics_loss, sigmoid_kd)
 from test_teacher import _inputs
 
 
@@ -105,7 +105,7 @@ def test_a_constant_thumbnail_channel_is_warned_with_its_iteration(hr_teacher_we
         return torch.cat([out[:, :1], green, out[:, 2:]], dim=1)
 
     model.downsampler.forward = green_dies
-    with caplog.at_level("WARNING", logger="msad.thumbdet"), EventStorage(123):
+    with caplog.at_level("WARNING", logger="msad.modeling.thumbdet"), EventStorage(123):
         model(batch)
         model(batch)  # still dead: warned once, not at every step
     warnings = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
@@ -238,7 +238,7 @@ def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path
 def train_thumbdet(teacher_weights, out, seed, pushed_weights=None):
     """The quickstart ThumbDet 4x, 30 iterations (warm-up 10), through train_net_S.py's trainer."""
     from detectron2.utils.env import seed_all_rng
-    from msad.engine import DistillationTrainer
+    from msad.engine.defaults import DistillationTrainer
 
     cfg = thumbdet_cfg(teacher_weights, "SEED", seed, "SOLVER.MAX_ITER", 30,
                        "MODEL.THUMBDET.WARMUP_ITERS", 10, "DATASETS.TEST", "()",
@@ -276,7 +276,7 @@ def briefly_trained_hr_fcos(tmp_path_factory):
     """The quickstart HR FCOS after 40 iterations: a teacher whose BatchNorm statistics are
     those of real features (a random one's make its features, and the mimic loss, explode)."""
     from detectron2.utils.env import seed_all_rng
-    from msad.engine import Trainer
+    from msad.engine.defaults import Trainer
 
     out = tmp_path_factory.mktemp("hr40")
     cfg = quickstart_cfg("hr_baseline", "SOLVER.MAX_ITER", 40, "DATASETS.TEST", "()",

@@ -11,7 +11,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from conftest import quickstart_cfg, torchvision_opts
-from msad.torchvision_backbone import (build_torchvision_fpn_backbone, torchvision_resnet_key)
+from msad.modeling.torchvision_backbone import (build_torchvision_fpn_backbone,
+                                                torchvision_resnet_key)
 from test_teacher import _inputs
 
 
@@ -58,7 +59,7 @@ def test_torchvision_resnet_names_map_to_detectron2_s():
 def test_stages_compute_what_torchvision_computes(arch, norm, tmp_path, caplog):
     path = tmp_path / f"{arch}.pth"
     reference = imagenet_file(arch, path)
-    with caplog.at_level(logging.INFO, logger="msad.torchvision_backbone"):
+    with caplog.at_level(logging.INFO, logger="msad.modeling.torchvision_backbone"):
         bottom_up = backbone(arch, path, norm).bottom_up.eval()
     classifier = "fc.bias, fc.weight" if arch != "mobilenet_v2" else \
         "classifier.1.bias, classifier.1.weight"
@@ -158,8 +159,8 @@ def trained_teachers(tmp_path_factory):
 @pytest.mark.parametrize("name", ["hr_baseline", "lr_baseline", "teacher", "student",
                                   "student_light", "bicubic_4x", "thumbdet_4x"])
 def test_every_detector_trains_a_step_on_the_backbone(arch, name, trained_teachers):
-    from msad.distill import DistilledDetector
-    from msad.engine import build_frozen_teacher
+    from msad.engine.teacher import build_frozen_teacher
+    from msad.modeling.distill import DistilledDetector
 
     teacher = "hr_baseline" if name == "thumbdet_4x" else "teacher"
     cfg = quickstart_cfg(name, *torchvision_opts(arch, "BN"), "MODEL.TEACHER.WEIGHTS",
@@ -189,7 +190,7 @@ def test_a_student_distills_from_a_teacher_on_another_backbone_but_cannot_start_
         trained_teachers):
     """A MobileNetV2 student learns from a ResNet-18 teacher's aligned FPN levels (same FPN
     width); copying the teacher's weights into it is refused, naming the keys to match."""
-    from msad.engine import build_frozen_teacher
+    from msad.engine.teacher import build_frozen_teacher
 
     cfg = quickstart_cfg("student", *torchvision_opts("mobilenet_v2"), "MODEL.TEACHER.WEIGHTS",
                          str(trained_teachers / "resnet18" / "teacher" / "model_final.pth"))

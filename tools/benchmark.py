@@ -49,9 +49,9 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import msad  # noqa: E402,F401
 import msad_runtime  # noqa: E402
-from msad.checkpoint import SafeCheckpointer  # noqa: E402
+from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.config import NO_IMAGENET_START, load_config  # noqa: E402
-from msad.export import export, predictor_for_export  # noqa: E402
+from msad.export.exporter import export, predictor_for_export
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime", "openvino")
 EXPORT_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx", "openvino": "onnx"}

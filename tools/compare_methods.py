@@ -12,7 +12,7 @@ evaluated per branch, HR and LR alone), lr, lr_long (the LR FCOS trained as many
 teacher + student), lr_teacher_init, student, bicubic_4x, thumbdet_4x.  The comparisons whose
 two models are trained are reported: LR - HR (what there is to recover), teacher - HR,
 student - teacher-initialised LR FCOS (distillation alone), student - LR FCOS, and the rest
-(msad/compare.py COMPARISONS).  --jobs trainings run at once, each on its share of the CPU
+(msad/benchmark/compare.py COMPARISONS).  --jobs trainings run at once, each on its share of the CPU
 threads.  A rerun keeps every finished model (its result.json) and trains the rest.  Writes
 into --output: seed<S>/<model>/ (each Detectron2 output directory, its log beside it),
 compare.json (every seed's metrics, the differences and intervals), compare.md (the tables)
@@ -27,10 +27,10 @@ import signal
 import sys
 import time
 
-from msad.compare import (MODEL_NAMES, MODELS, PROTOCOLS, Run, job_overrides, markdown,
-                          parse_variant, plan, plot, read_results, run_jobs, summarise, to_run,
-                          variant_comparisons)
-from msad.pipeline import checked_overrides
+from msad.benchmark.compare import (MODELS, MODEL_NAMES, PROTOCOLS, Run, job_overrides, markdown,
+                                    parse_variant, plan, plot, read_results, run_jobs, summarise,
+                                    to_run, variant_comparisons)
+from msad.benchmark.pipeline import checked_overrides
 
 DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student")
 

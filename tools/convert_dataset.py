@@ -8,7 +8,7 @@
         --classes-file data.yaml --output yolo_train.json
 
 Then train on it with DATASETS.COCO_INSTANCES "[['mine_train', 'voc_train.json', 'VOC/JPEGImages']]"
-(see README, "Your own data").  msad/convert.py says how coordinates, difficult objects and
+(see README, "Your own data").  msad/data/label_formats.py says how coordinates, difficult objects and
 unlabelled images are treated.  An existing --output is not overwritten (--force does).
 """
 import argparse
@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from msad.checkpoint import write_atomically  # noqa: E402
-from msad.convert import read_class_names, voc_to_coco, yolo_to_coco  # noqa: E402
+from msad.data.label_formats import read_class_names, voc_to_coco, yolo_to_coco
+from msad.utils.io import write_atomically
 
 
 def main(argv=None):

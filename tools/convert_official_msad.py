@@ -8,7 +8,7 @@
 
 The model is built from configs/MSAD/official/SLR<width>-50-<T|S>.yaml (--config to choose
 another), with as many classes as the file's classifier; every one of its parameters must come
-from the file (msad/official.py says how each is mapped).  Writes the weights, and beside them
+from the file (msad/checkpoint/official.py says how each is mapped).  Writes the weights, and beside them
 the config they run with (config.yaml) and model_info.json (class names: COCO's for 80 classes);
 prints what was mapped, what was left out and why.  --role teacher on a student's file extracts
 the teacher it holds.  A file that is not an official MSAD checkpoint, or of another width, is
@@ -30,11 +30,11 @@ from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from msad.checkpoint import write_atomically  # noqa: E402
+from msad.checkpoint.model_info import MODEL_INFO, write_model_info
+from msad.checkpoint.official import (ROLES, WIDTH_LIST, checkpoint_num_classes, checkpoint_role,
+                                      checkpoint_width, convert, read_checkpoint)
 from msad.config import TRAINING_CONFIG, load_config  # noqa: E402
-from msad.official import (ROLES, WIDTH_LIST, checkpoint_num_classes, checkpoint_role,  # noqa: E402
-                           checkpoint_width, convert, read_checkpoint)
-from msad.predictor import MODEL_INFO, write_model_info  # noqa: E402
+from msad.utils.io import write_atomically
 
 COCO_CLASSES = 80
 logger = logging.getLogger("convert_official_msad")

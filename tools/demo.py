@@ -46,11 +46,11 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-from msad.alignment import INPUT_SCALES  # noqa: E402
-from msad.checkpoint import write_atomically  # noqa: E402
-from msad.convert import IMAGE_EXTENSIONS  # noqa: E402
-from msad.export import ExportedPredictor, is_export  # noqa: E402
-from msad.predictor import Predictor  # noqa: E402
+from msad.data.label_formats import IMAGE_EXTENSIONS
+from msad.export.exporter import ExportedPredictor, is_export
+from msad.export.predictor import Predictor
+from msad.modeling.alignment import INPUT_SCALES
+from msad.utils.io import write_atomically
 
 # Codecs tried in turn for a video: (fourcc, file extension).  Headless OpenCV wheels have no
 # H.264 encoder; mp4v, else Motion JPEG, is what they can write.

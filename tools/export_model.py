@@ -25,10 +25,10 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import msad_runtime  # noqa: E402
-from msad.alignment import INPUT_SCALES  # noqa: E402
-from msad.data import make_image  # noqa: E402
-from msad.export import (DEFAULT_OPSET, MODEL_FILES, agrees, check_format,  # noqa: E402
-                         check_output_folder, compare, export, predictor_for_export)
+from msad.data.synthetic import make_image
+from msad.export.exporter import (DEFAULT_OPSET, MODEL_FILES, agrees, check_format,
+                                  check_output_folder, compare, export, predictor_for_export)
+from msad.modeling.alignment import INPUT_SCALES
 
 # The trace and check images' shapes (H, W): landscape and portrait, so that after the test
 # resize the check runs the graph at another size than it was traced at.

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from msad.data import SCENES, dataset_root, generate_split, split_paths
+from msad.data.synthetic import SCENES, dataset_root, generate_split, split_paths
 
 
 def progress_printer(split):

@@ -40,8 +40,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 import msad  # noqa: E402,F401
-from msad.backbone import build_slimmable_resnet  # noqa: E402
 from msad.config import NO_IMAGENET_START, load_config  # noqa: E402
+from msad.modeling.backbone import build_slimmable_resnet
 
 # MSAD README, "Capacity" column: width -> (teacher, student).
 PAPER_CAPACITY = {0.25: (0.08, 0.02), 0.5: (0.31, 0.06), 0.75: (0.70, 0.14), 1.0: (1.25, 0.25)}

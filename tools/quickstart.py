@@ -58,11 +58,11 @@ from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import msad  # noqa: E402,F401
+from msad.benchmark.pipeline import checked_overrides, fmt, progress_of, schedule_overrides
 from msad.config import load_config  # noqa: E402
-from msad.convert import to_coco_file  # noqa: E402
-from msad.data import register_coco_from_config  # noqa: E402
-from msad.pipeline import checked_overrides, fmt, progress_of, schedule_overrides  # noqa: E402
-from msad.predictor import Predictor  # noqa: E402
+from msad.data.coco import register_coco_from_config
+from msad.data.label_formats import to_coco_file
+from msad.export.predictor import Predictor
 from measure_capacity import model_macs  # noqa: E402  (tools/, beside this script)
 from plot_ap_vs_cost import last_bbox_metrics, plot  # noqa: E402
 from thumbnails import titled, write_comparisons  # noqa: E402

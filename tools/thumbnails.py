@@ -28,9 +28,9 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import msad  # noqa: E402,F401
-from msad.alignment import downsample  # noqa: E402
-from msad.checkpoint import SafeCheckpointer  # noqa: E402
+from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.config import load_config  # noqa: E402
+from msad.modeling.resample import downsample
 
 DISPLAY_SCALE = 2  # the source is shown at twice its size
 

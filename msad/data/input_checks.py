@@ -22,7 +22,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from .config import inference_sizes
+from ..config import inference_sizes
 
 EXIF_ORIENTATION = 0x0112
 

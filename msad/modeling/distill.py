@@ -1,7 +1,7 @@
 """Distillation: the frozen-teacher holder every distilled detector declares, and its losses.
 
 ``DistilledDetector`` is how a meta-architecture says "I am distilled from a teacher": the
-trainer of train_net_S.py (``msad.engine.DistillationTrainer``) builds the teacher named by
+trainer of train_net_S.py (``msad.engine.defaults.DistillationTrainer``) builds the teacher named by
 ``MODEL.TEACHER`` for it, and train_net_T.py refuses it.  The teacher is kept outside the module
 tree: it is not in the student's state_dict, optimizer or DDP wrapper, it stays in eval mode, and
 inference never touches it.
@@ -87,7 +87,7 @@ class DistilledDetector:
 
     def iteration_schedules(self) -> Dict[str, Callable[[int], float]]:
         """{attribute: schedule}: the trainer sets ``self.<attribute> = schedule(iteration)``
-        before every step (msad.engine.IterationSchedule), so a resumed run continues it."""
+        before every step (msad.engine.hooks.IterationSchedule), so a resumed run continues it."""
         return {}
 
     @property

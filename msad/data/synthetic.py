@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
 
-from .checkpoint import write_atomically
+from ..utils.io import write_atomically
+from .coco import load_coco_checked
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class SceneSpec:
 
 # The bundled dataset.  Sizes chosen so that the CPU quickstart trains in minutes (see
 # tools/make_synthetic_dataset.py to make a larger copy); images of at most 256 pixels, so that a
-# native-size image pads to one 256x256 tile (msad/alignment.py).
+# native-size image pads to one 256x256 tile (msad/modeling/alignment.py).
 SYNTH = SceneSpec(
     name="msad_synth", title="msad synthetic scenes",
     classes=("disk", "square", "triangle", "ring", "cross"), class_hues=(0, 30, 60, 100, 140),
@@ -226,31 +226,6 @@ def ensure_split(spec: SplitSpec, root=None, scene=SYNTH):
     return json_file, image_dir
 
 
-def load_coco_checked(json_file, image_root, name):
-    """Detectron2's ``load_coco_json``, with a malformed file named in the error."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"dataset {name}: no such file {json_file}")
-    try:
-        records = load_coco_json(json_file, image_root, name)
-    # JSONDecodeError is a ValueError; pycocotools and load_coco_json assert on bad structure.
-    except (ValueError, KeyError, TypeError, IndexError, AssertionError) as e:
-        raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
-                         f"{type(e).__name__}: {e}") from e
-    if not records:  # pycocotools reads a file without "images" as an empty dataset
-        with open(json_file) as f:
-            if not isinstance(json.load(f).get("images"), list):
-                raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
-                                 "it has no 'images' list")
-    return records
-
-
-def register_coco_checked(name, json_file, image_root):
-    """``register_coco_instances`` for a COCO-format file, loaded by :func:`load_coco_checked`."""
-    DatasetCatalog.register(name, lambda: load_coco_checked(json_file, image_root, name))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
-                                  evaluator_type="coco")
-
-
 def register_synthetic(root=None):
     """Register ``<scene>_{train,val}`` of every scene (``msad_synth``, ``msad_detail``); their
     files are generated when first loaded."""
@@ -270,22 +245,3 @@ def register_synthetic(root=None):
                                           evaluator_type="coco", thing_classes=list(scene.classes))
 
 
-def check_coco_instances_entry(entry):
-    """One ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``, checked."""
-    if len(entry) != 3:
-        raise ValueError(f"DATASETS.COCO_INSTANCES entry {entry!r} must be "
-                         "[name, json_file, image_root]")
-    name, json_file, image_root = entry
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such file {json_file}")
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such directory {image_root}")
-    return entry
-
-
-def register_coco_from_config(cfg):
-    """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
-    for entry in cfg.DATASETS.COCO_INSTANCES:
-        name, json_file, image_root = check_coco_instances_entry(entry)
-        if name not in DatasetCatalog.list():
-            register_coco_checked(name, json_file, image_root)

@@ -1,6 +1,6 @@
 """``MultiScaleTeacher``: one FCOS that sees the HR image and its 1/f LR copy, fused per level.
 
-The LR level P(l) has the size of the HR level P(l+1) (msad/alignment.py), so one backbone and
+The LR level P(l) has the size of the HR level P(l+1) (msad/modeling/alignment.py), so one backbone and
 one head serve both, the LR branch is trained against the HR ground truth at the HR strides, and
 each aligned pair is mixed by a crossing-level fusion.  Loss = HR + LR + JOINT_WEIGHT x fused;
 inference predicts from the fused features.

@@ -3,7 +3,7 @@
 ResNet-18/34/50/101 are stock Detectron2 ResNets in torchvision's variant (v1.5: the stride in
 the 3x3 conv), whose parameters are torchvision's, renamed.  MobileNetV2 is torchvision's own
 ``features``, read at the ends of its stride-4/8/16/32 stages as Detectron2 names ResNet stages
-(res2-res5).  Both end in the FPN every backbone here has (msad/backbone.py), so the HR/LR level
+(res2-res5).  Both end in the FPN every backbone here has (msad/modeling/backbone.py), so the HR/LR level
 alignment, the padding rule and distillation work unchanged.
 
 The ImageNet file (``MODEL.TORCHVISION.PRETRAINED``) is read as torchvision writes it
@@ -21,8 +21,8 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import BasicStem, ResNet
 
+from ..checkpoint.detection_checkpoint import load_state_dict_file
 from .backbone import build_fpn
-from .checkpoint import load_state_dict_file
 
 logger = logging.getLogger(__name__)
 

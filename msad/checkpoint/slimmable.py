@@ -11,7 +11,7 @@ with.  ``classifier.*`` is the ImageNet head and is dropped.
 """
 import logging
 
-from .checkpoint import load_state_dict_file
+from .detection_checkpoint import load_state_dict_file
 
 logger = logging.getLogger(__name__)
 

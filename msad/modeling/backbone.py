@@ -12,7 +12,7 @@ from fvcore.nn import weight_init
 from torch import nn
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
-from .slimmable import load_slimmable_resnet
+from ..checkpoint.slimmable import load_slimmable_resnet
 
 BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 

@@ -1,4 +1,4 @@
-"""Which Detectron2, torch, CUDA and export runtimes this environment uses: ``python -m msad.env``."""
+"""Which Detectron2, torch, CUDA and export runtimes this environment uses: ``python -m msad.utils.env``."""
 import os
 from importlib.metadata import PackageNotFoundError, version
 

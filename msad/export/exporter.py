@@ -25,9 +25,10 @@ from detectron2.structures import Boxes, Instances
 
 import msad_runtime
 
-from .checkpoint import write_atomically
-from .config import inference_sizes, load_config
-from .predictor import Predictor, dataset_id_list, dataset_id_mapping
+from ..checkpoint.model_info import dataset_id_list, dataset_id_mapping
+from ..config import inference_sizes, load_config
+from ..utils.io import write_atomically
+from .predictor import Predictor
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ biases, one ``scales.<l>.scale`` per level) and ``SE.fc.{0,2}.weight``, the one 
 fusion all five levels share.  The student (SFCOS) adds ``S_backbone.*`` and ``S_fcos_head.*``
 beside a copy of its teacher.  ``convert`` maps one of them onto ``MultiScaleTeacher`` or
 ``MSADStudent``: convolutions sliced to the width and its BatchNorm set taken
-(``msad/slimmable.py``), FPN as it is, towers renamed, the per-level scales stacked, the shared
+(``msad/checkpoint/slimmable.py``), FPN as it is, towers renamed, the per-level scales stacked, the shared
 fusion copied to each level, and zeros for the two biases the official head does not have.
 """
 from typing import Dict, List, NamedTuple
 
 import torch
 
-from .checkpoint import load_state_dict_file
+from .detection_checkpoint import load_state_dict_file
 from .slimmable import convert_slimmable_state_dict, slimmable_key_map
 
 WIDTH_LIST = (0.25, 0.5, 0.75, 1.0)  # the official WIDTH_MULT_LIST: BatchNorm set i is width i

@@ -20,9 +20,9 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .alignment import downsample
 from .distill import DistilledDetector
 from .fcos import AlignedFCOS, input_branch
+from .resample import downsample
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,4 @@
-"""What train_net_T.py and train_net_S.py share: config set-up, the trainers and their hooks,
-teacher loading."""
+"""What train_net_T.py and train_net_S.py share: config set-up and checks, and the trainers."""
 import functools
 import logging
 import os
@@ -10,25 +9,26 @@ import torch
 from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.build import filter_images_with_only_crowd_annotations
-from detectron2.engine import (AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase,
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
                                create_ddp_model, default_setup)
-from detectron2.engine.hooks import BestCheckpointer
 from detectron2.evaluation import COCOEvaluator
-from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver import get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from torch.nn.parallel import DistributedDataParallel
 
-from .backbone import check_width
-from .checkpoint import SafeCheckpointer, load_state_dict_file
-from .config import IMAGENET_START_KEYS, NO_IMAGENET_START, TRAINING_CONFIG, load_config
-from .data import register_coco_from_config
-from .distill import DistilledDetector, freeze
-from .env import has_compiled_ops, summary
-from .input_checks import CheckedDatasetMapper, check_bad_image_policy, check_training_records
-from .predictor import check_model_info, read_model_info, write_model_info
+from ..checkpoint.detection_checkpoint import SafeCheckpointer
+from ..checkpoint.model_info import read_model_info
+from ..config import IMAGENET_START_KEYS, load_config
+from ..data.coco import register_coco_from_config
+from ..data.input_checks import (CheckedDatasetMapper, check_bad_image_policy,
+                                 check_training_records)
+from ..modeling.backbone import check_width
+from ..modeling.distill import DistilledDetector
+from ..utils.env import has_compiled_ops, summary
+from .hooks import BestCheckpoint, IterationSchedule, LossNormalizerState, ModelInfoWriter, unwrap
+from .teacher import build_frozen_teacher, check_teacher_classes, teacher_config
 
 logger = logging.getLogger("msad")
 
@@ -45,66 +45,6 @@ def check_writable(directory, what):
             pass
     except OSError as e:
         raise PermissionError(f"{what}={directory} is not a writable directory: {e}") from None
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-class LossNormalizerState(HookBase):
-    """Keeps FCOS's loss normaliser (an EMA of the positive count, which Detectron2 holds as a
-    plain attribute outside the state_dict) in the trainer's checkpoints, so that a resumed run
-    goes on with it instead of restarting it from its start value."""
-
-    def state_dict(self):
-        value = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
-        return {} if value is None else {"loss_normalizer": value}
-
-    def load_state_dict(self, state):
-        if "loss_normalizer" in state:
-            unwrap(self.trainer.model).loss_normalizer = state["loss_normalizer"]
-
-
-class IterationSchedule(HookBase):
-    """Sets ``model.<attribute> = schedule(trainer.iter)`` before every step, and logs it.
-
-    Reading the trainer's iteration (not counting calls) makes a resumed run continue the
-    schedule where it stopped: the distillation warm-up ramp, ThumbDet's training phase.
-    """
-
-    def __init__(self, attribute, schedule):
-        self.attribute = attribute
-        self.schedule = schedule
-
-    def before_step(self):
-        value = self.schedule(self.trainer.iter)
-        setattr(unwrap(self.trainer.model), self.attribute, value)
-        self.trainer.storage.put_scalar(self.attribute, value, smoothing_hint=False)
-
-
-class BestCheckpoint(BestCheckpointer):
-    """Detectron2's ``BestCheckpointer`` (``model_best.pth``, by box AP, after each evaluation),
-    whose best score so far is kept in the trainer's checkpoints, so that a resumed run does
-    not replace the best model with a worse one."""
-
-    def state_dict(self):
-        return {} if self.best_metric is None else {"best_metric": self.best_metric,
-                                                    "best_iter": self.best_iter}
-
-    def load_state_dict(self, state):
-        if "best_metric" in state:
-            self.best_metric, self.best_iter = state["best_metric"], state["best_iter"]
-
-
-class ModelInfoWriter(HookBase):
-    """Writes what inference needs (class names, the config values the weights depend on) to
-    OUTPUT_DIR/model_info.json, beside the checkpoints, when training starts
-    (msad/predictor.py reads it)."""
-
-    def before_train(self):
-        if comm.is_main_process():
-            cfg = self.trainer.cfg
-            write_model_info(cfg, MetadataCatalog.get(cfg.DATASETS.TRAIN[0]))
 
 
 class Trainer(DefaultTrainer):
@@ -218,7 +158,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # Detectron2's loader over records whose files and boxes were checked first
-        # (msad/input_checks.py); empty images are dropped after the bad boxes are.
+        # (msad/data/input_checks.py); empty images are dropped after the bad boxes are.
         dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         dicts = check_training_records(dicts, cfg.DATALOADER.BAD_IMAGES)
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
@@ -307,65 +247,6 @@ def check_num_classes(cfg, dataset):
         logger.warning("dataset %s has %d categories and MODEL.FCOS.NUM_CLASSES is %d: the "
                        "other %d classes are never trained", dataset, len(names), num_classes,
                        num_classes - len(names))
-
-
-def teacher_config(cfg):
-    """The config of the teacher MODEL.TEACHER names, checked against the weights' own
-    model_info.json and against the student: the same classes."""
-    spec = cfg.MODEL.TEACHER
-    if not spec.WEIGHTS:
-        raise ValueError("MODEL.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
-    if not os.path.isfile(spec.WEIGHTS):
-        raise FileNotFoundError(f"MODEL.TEACHER.WEIGHTS: no such file {spec.WEIGHTS}")
-    if not spec.CONFIG_FILE:
-        raise ValueError(
-            f"MODEL.TEACHER.WEIGHTS={spec.WEIGHTS} has no {TRAINING_CONFIG} beside it (the config "
-            "its training wrote) and MODEL.TEACHER.CONFIG_FILE is empty: name the teacher's config")
-    teacher_cfg = load_config(spec.CONFIG_FILE, what="MODEL.TEACHER.CONFIG_FILE")
-    info_path, info = read_model_info(spec.WEIGHTS)
-    if info is not None:
-        check_model_info(teacher_cfg, info, info_path)
-    teacher_classes, classes = teacher_cfg.MODEL.FCOS.NUM_CLASSES, cfg.MODEL.FCOS.NUM_CLASSES
-    if teacher_classes != classes:
-        raise ValueError(
-            f"the teacher ({spec.CONFIG_FILE}) detects {teacher_classes} classes and the student "
-            f"{classes} (MODEL.FCOS.NUM_CLASSES): a teacher must be trained on the student's "
-            "classes")
-    return teacher_cfg
-
-
-def check_teacher_classes(info, cfg):
-    """The teacher's class names (from its model_info.json) are the student's training data's."""
-    dataset = cfg.DATASETS.TRAIN[0]
-    theirs, ours = info and info["thing_classes"], MetadataCatalog.get(dataset).get("thing_classes")
-    if theirs and ours and list(theirs) != list(ours):
-        raise ValueError(
-            f"the teacher (MODEL.TEACHER.WEIGHTS={cfg.MODEL.TEACHER.WEIGHTS}) was trained on the "
-            f"classes {list(theirs)}, the student's DATASETS.TRAIN {dataset} has {list(ours)}")
-
-
-def build_frozen_teacher(cfg):
-    """The teacher named by MODEL.TEACHER, with its weights, in eval mode, no gradients."""
-    spec = cfg.MODEL.TEACHER
-    teacher_cfg = teacher_config(cfg)
-    teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    teacher_cfg.merge_from_list(NO_IMAGENET_START)  # its trained weights follow
-    teacher = build_model(teacher_cfg)
-    state = load_state_dict_file(spec.WEIGHTS, "MODEL.TEACHER.WEIGHTS")
-    expected = teacher.state_dict()
-    missing = [k for k in expected if k not in state]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or mismatched:
-        raise ValueError(
-            f"MODEL.TEACHER.WEIGHTS={spec.WEIGHTS} does not fit the model of "
-            f"MODEL.TEACHER.CONFIG_FILE={spec.CONFIG_FILE}: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(mismatched)} of another shape {mismatched[:3]}")
-    teacher.load_state_dict({k: state[k] for k in expected})
-    freeze(teacher)
-    logger.info("Frozen teacher %s from %s, built from %s", type(teacher).__name__, spec.WEIGHTS,
-                spec.CONFIG_FILE)
-    return teacher
 
 
 def setup(args, trainer_cls=Trainer):

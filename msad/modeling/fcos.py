@@ -3,7 +3,7 @@
 Detectron2's ``FCOS`` brings the target assignment (sizes of interest 4x-8x stride per level,
 centre sampling), focal + GIoU + centerness losses and box decoding.  What this module adds:
 
-* ``AlignedFCOS``: one ``forward`` for every msad detector, whose branches (msad/alignment.py)
+* ``AlignedFCOS``: one ``forward`` for every msad detector, whose branches (msad/modeling/alignment.py)
   see the padded batch at their factors and read their levels in their own terms, while the head
   and the anchors live on one grid at the full-resolution strides, so targets and predictions
   are in the original image's pixels whatever the input scale.  Subclasses fill in named
@@ -30,9 +30,9 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss
 from torch import nn
 
-from .alignment import (INPUT_SCALES, Branch, check_levels, check_resample, downsample,
-                        level_index, level_shift, normalize_and_pad, padded_size,
-                        padding_multiple)
+from .alignment import (Branch, INPUT_SCALES, check_levels, level_index, level_shift,
+                        normalize_and_pad, padded_size, padding_multiple)
+from .resample import check_resample, downsample
 
 
 # What the per-level test-time top-k is taken on (MODEL.FCOS.TOPK_RANKING).
@@ -94,7 +94,7 @@ class AlignedFCOS(FCOS):
 
     Args:
         backbone, head: as Detectron2's ``FCOS`` (the head runs on ``branches[0].levels``).
-        branches: the inputs the model sees (msad/alignment.py ``Branch``): factor and levels in
+        branches: the inputs the model sees (msad/modeling/alignment.py ``Branch``): factor and levels in
             the input's own terms.  The first one's levels are what the head reads, on the
             full-resolution grid of its ``full_resolution_levels``; the others align with it.
         input_resample: how a branch's 1/factor copy of the padded batch is made.

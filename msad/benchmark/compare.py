@@ -19,11 +19,11 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from .checkpoint import write_atomically
+from ..utils.io import write_atomically
 from .paired import paired_difference, verdict
 from .pipeline import fmt, progress_of, schedule_overrides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Model(NamedTuple):
@@ -76,7 +76,7 @@ COMPARISONS = (
 METRICS = ("AP", "APs", "AP50")
 # The dataset and schedule of a benchmark, as overrides of every model's config.
 PROTOCOLS = {
-    # msad_detail: small objects told apart by a hole a 2x down-sampling blurs (msad/data.py);
+    # msad_detail: small objects told apart by a hole a 2x down-sampling blurs (msad/data/synthetic.py);
     # batch 8, no data-loader workers (deterministic, and cheap on 128-pixel images).
     "detail": ("DATASETS.TRAIN", "('msad_detail_train',)", "DATASETS.TEST", "('msad_detail_val',)",
                "MODEL.FCOS.NUM_CLASSES", "4", "SOLVER.IMS_PER_BATCH", "8",
@@ -176,7 +176,7 @@ def job_overrides(job: Job, protocol_opts, iters: Optional[int]):
     when 0, times the model's ``iter_scale``), its seed, output and weights."""
     opts = list(protocol_opts)
     if not iters and job.model.iter_scale != 1:
-        from .config import load_config
+        from ..config import load_config
 
         iters = load_config(os.path.join(REPO, job.model.config), opts).SOLVER.MAX_ITER
     if iters:
@@ -199,7 +199,7 @@ def copypaste_metrics(log_text):
 
 
 # Training diagnostics read from each model's metrics.json: the teacher's fusion weights and the
-# student's gradient share (msad/teacher.py, msad/student.py).
+# student's gradient share (msad/modeling/teacher.py, msad/modeling/student.py).
 DIAGNOSTICS = ("fusion_hr_weight/", "grad_share/", "grad_norm/")
 
 

@@ -1,0 +1,53 @@
+"""COCO-format instance files registered with Detectron2, their errors naming the file:
+the bundled splits and every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
+import json
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+
+def load_coco_checked(json_file, image_root, name):
+    """Detectron2's ``load_coco_json``, with a malformed file named in the error."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"dataset {name}: no such file {json_file}")
+    try:
+        records = load_coco_json(json_file, image_root, name)
+    # JSONDecodeError is a ValueError; pycocotools and load_coco_json assert on bad structure.
+    except (ValueError, KeyError, TypeError, IndexError, AssertionError) as e:
+        raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
+                         f"{type(e).__name__}: {e}") from e
+    if not records:  # pycocotools reads a file without "images" as an empty dataset
+        with open(json_file) as f:
+            if not isinstance(json.load(f).get("images"), list):
+                raise ValueError(f"dataset {name}: {json_file} is not a COCO instances file: "
+                                 "it has no 'images' list")
+    return records
+
+
+def register_coco_checked(name, json_file, image_root):
+    """``register_coco_instances`` for a COCO-format file, loaded by :func:`load_coco_checked`."""
+    DatasetCatalog.register(name, lambda: load_coco_checked(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                  evaluator_type="coco")
+
+
+def check_coco_instances_entry(entry):
+    """One ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``, checked."""
+    if len(entry) != 3:
+        raise ValueError(f"DATASETS.COCO_INSTANCES entry {entry!r} must be "
+                         "[name, json_file, image_root]")
+    name, json_file, image_root = entry
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such file {json_file}")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"DATASETS.COCO_INSTANCES: {name}: no such directory {image_root}")
+    return entry
+
+
+def register_coco_from_config(cfg):
+    """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
+    for entry in cfg.DATASETS.COCO_INSTANCES:
+        name, json_file, image_root = check_coco_instances_entry(entry)
+        if name not in DatasetCatalog.list():
+            register_coco_checked(name, json_file, image_root)

@@ -1,0 +1,1 @@
+"""Training: the trainers of train_net_T.py and train_net_S.py, their hooks, the frozen teacher."""

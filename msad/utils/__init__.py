@@ -1,0 +1,1 @@
+"""What every layer of msad may use: atomic file writes, the environment summary."""
