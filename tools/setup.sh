@@ -35,5 +35,5 @@ fi
 pip_install -r requirements.txt
 "$PY" tools/install_detectron2.py --cache-dir .cache/detectron2
 pip_install --no-deps -e .
-"$PY" -m msad.env
+"$PY" -m msad.utils.env
 echo "setup: done; run the tests with: $PY -m pytest"
