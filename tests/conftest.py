@@ -2,21 +2,9 @@ import os
 import sys
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, quickstart_cfg
+
 sys.path.insert(0, os.path.join(REPO, "tools"))
-
-
-def quickstart_cfg(name="teacher", *opts):
-    """The (unfrozen) config of configs/quickstart/<name>.yaml with `opts` overrides."""
-    from msad.config import load_config
-
-    return load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
-
-
-def torchvision_opts(arch, norm="BN"):
-    """Overrides that put torchvision's `arch` (msad/modeling/torchvision_backbone.py) under a config."""
-    return ("MODEL.BACKBONE.NAME", "build_torchvision_fpn_backbone", "MODEL.TORCHVISION.ARCH", arch,
-            "MODEL.TORCHVISION.NORM", norm)
 
 
 @pytest.fixture(scope="session")

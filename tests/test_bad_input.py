@@ -1,6 +1,5 @@
 """Bad input: each gives an error naming the file, key or value, a non-zero exit and nothing
 overwritten, or is repaired and counted in the log."""
-import json
 import os
 import pickle
 import shutil
@@ -13,31 +12,15 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from conftest import REPO, quickstart_cfg, torchvision_opts
+from helpers import (QUICKSTART_TEACHER, RunsCode, detector_inputs, edit_json, quickstart_cfg,
+                     small_dataset, torchvision_opts, train_net)
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.data.coco import load_coco_checked
 from msad.data.input_checks import BadImageError, CheckedDatasetMapper, check_training_records
-from msad.data.synthetic import generate_split
 from msad.engine.teacher import build_frozen_teacher
-from test_reliability import _RunsCode
-from test_teacher import _inputs
-from test_train_net import QUICKSTART_TEACHER, train_net
 
 SHORT_RUN = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST", "()",
              "DATALOADER.NUM_WORKERS", "0"]
-
-
-def small_dataset(root, n=4, seed=3):
-    """`n` synthetic images and their COCO JSON under `root`; returns (json path, image dir)."""
-    json_file, images = root / "set.json", root / "images"
-    generate_split(str(json_file), str(images), n, seed)
-    return json_file, images
-
-
-def edit_json(json_file, edit):
-    coco = json.loads(json_file.read_text())
-    edit(coco)
-    json_file.write_text(json.dumps(coco))
 
 
 def train_on(json_file, images, out, *opts, flags=(), script="train_net_T.py",
@@ -227,7 +210,7 @@ def test_tiny_odd_sized_and_empty_images_train_and_predict(make_cfg, untrained_t
     if cfg.MODEL.TEACHER.CONFIG_FILE:
         model.attach_teacher(build_frozen_teacher(cfg))
     sizes = [(21, 35), (97, 131), (250, 9 * 4 + 3)]
-    batch = _inputs(sizes)
+    batch = detector_inputs(sizes)
     batch[2]["instances"] = batch[2]["instances"][:0]  # no boxes
     with EventStorage(0):
         losses = model.train()(batch)
@@ -236,7 +219,7 @@ def test_tiny_odd_sized_and_empty_images_train_and_predict(make_cfg, untrained_t
     total.backward()
     torch.nn.init.constant_(model.head.bbox_pred.bias, 1.0)  # untrained boxes: one stride wide
     with torch.no_grad():
-        out = model.eval()(_inputs(sizes, with_boxes=False))
+        out = model.eval()(detector_inputs(sizes, with_boxes=False))
     for o, (h, w) in zip(out, sizes):
         inst = o["instances"]
         assert inst.image_size == (h, w) and len(inst) > 0
@@ -246,7 +229,7 @@ def test_tiny_odd_sized_and_empty_images_train_and_predict(make_cfg, untrained_t
 
 def test_odd_sizes_keep_the_hr_lr_alignment_exact(cfg):
     teacher = build_model(cfg).eval()
-    images = teacher.preprocess_image(_inputs([(97, 131), (21, 250)], with_boxes=False))
+    images = teacher.preprocess_image(detector_inputs([(97, 131), (21, 250)], with_boxes=False))
     assert images.tensor.shape[-2:] == (128, 256)  # P7 of the full image: stride 128
     with torch.no_grad():
         hr, lr = teacher.extract(images).branch_levels
@@ -350,7 +333,7 @@ def test_another_number_of_classes_only_leaves_the_classifier_untrained(tmp_path
 
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
 def test_model_weights_that_would_run_code_are_refused(tmp_path, suffix):
-    payload = _RunsCode()
+    payload = RunsCode()
     payload.marker = tmp_path / "pwned"
     path = tmp_path / f"evil{suffix}"
     with open(path, "wb") as f:

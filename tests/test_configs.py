@@ -6,7 +6,7 @@ import re
 import pytest
 from detectron2.modeling import build_model
 
-from conftest import REPO
+from helpers import REPO
 from msad.config import NO_IMAGENET_START, load_config
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))

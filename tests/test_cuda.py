@@ -6,10 +6,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, quickstart_cfg
-from test_student import student_cfg, student_with_teacher, teacher_files  # noqa: F401
-from test_teacher import _inputs
-from test_train_net import final_ap, train_net
+from helpers import (REPO, detector_inputs, final_ap, quickstart_cfg, student_cfg,
+                     student_with_teacher, train_net)
 
 pytestmark = pytest.mark.cuda
 
@@ -19,15 +17,15 @@ def test_teacher_trains_a_step_on_cuda(norm):
     model = build_model(quickstart_cfg("teacher", "MODEL.DEVICE", "cuda",
                                        "MODEL.RESNETS.NORM", norm)).train()
     with EventStorage(0):
-        losses = model(_inputs([(200, 240), (256, 192)]))
+        losses = model(detector_inputs([(200, 240), (256, 192)]))
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) and v.is_cuda for v in losses.values())
 
 
-def test_student_trains_a_step_on_cuda(teacher_files, tmp_path):  # noqa: F811
-    student = student_with_teacher(student_cfg(teacher_files, tmp_path, "MODEL.DEVICE", "cuda"))
+def test_student_trains_a_step_on_cuda(untrained_teachers, tmp_path):
+    student = student_with_teacher(student_cfg(untrained_teachers, tmp_path, "MODEL.DEVICE", "cuda"))
     with EventStorage(0):
-        losses = student.train()(_inputs([(224, 224), (192, 256)]))
+        losses = student.train()(detector_inputs([(224, 224), (192, 256)]))
     sum(losses.values()).backward()
     assert losses["loss_distill"].is_cuda and torch.isfinite(losses["loss_distill"])
 
@@ -37,7 +35,7 @@ def test_cuda_and_cpu_give_the_same_head_outputs():
     cpu = build_model(quickstart_cfg("teacher")).eval()
     gpu = build_model(quickstart_cfg("teacher", "MODEL.DEVICE", "cuda")).eval()
     gpu.load_state_dict(cpu.state_dict())
-    batch = _inputs([(200, 240), (256, 192)], with_boxes=False)
+    batch = detector_inputs([(200, 240), (256, 192)], with_boxes=False)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # compare float32 with float32
     with torch.no_grad():
@@ -80,7 +78,7 @@ def test_thumbdet_trains_a_step_on_cuda(tmp_path):
     model = build_model(cfg)
     model.attach_teacher(build_frozen_teacher(cfg))
     with EventStorage(0):
-        losses = model.train()(_inputs([(224, 224), (192, 256)]))
+        losses = model.train()(detector_inputs([(224, 224), (192, 256)]))
     sum(losses.values()).backward()
     assert all(v.is_cuda and torch.isfinite(v) for v in losses.values())
     assert losses["loss_kd"].item() > 0 and losses["loss_mimic"].item() > 0

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 import demo
-from conftest import REPO
+from helpers import REPO, edit_json, small_dataset, train_net
 from msad.checkpoint.model_info import MODEL_INFO
 from msad.data.synthetic import CLASSES
 from msad.export.predictor import Predictor
-from test_bad_input import edit_json, small_dataset
-from test_train_net import train_net
 
 ALL_DETECTIONS = ["MODEL.FCOS.SCORE_THRESH_TEST", "0.0"]  # an untrained model scores low
 

@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO
-from test_train_net import train_net
+from helpers import REPO, quickstart_cfg, train_net
 
 SAME_BATCH = ["SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.CHECKPOINT_PERIOD", 100,
               "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", 0,
@@ -78,7 +77,6 @@ def test_the_students_frozen_teacher_is_outside_ddp_and_the_optimizer(untrained_
     from detectron2.utils import comm
     from torch.nn.parallel import DistributedDataParallel
 
-    from conftest import quickstart_cfg
     from msad.engine.defaults import DistillationTrainer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)

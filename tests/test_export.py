@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import msad_runtime
-from conftest import REPO, quickstart_cfg, torchvision_opts
+from helpers import REPO, quickstart_cfg, run_tool, torchvision_opts, train_net
 from export_model import CHECK_SHAPE, TRACE_SHAPE, synthetic_image
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.export.exporter import (ExportedPredictor, check_format, eager_raw, export,
                                   predictor_for_export)
 from msad.modeling.resample import resize_by_convolution
-from test_tools import run_tool
 
 DETECTORS = ("hr_baseline", "lr_baseline", "teacher", "student", "student_light", "bicubic_4x",
              "thumbdet_4x")
@@ -331,7 +330,6 @@ def test_exported_student_ap_equals_eager_ap(untrained_teachers, tmp_path):
     export through msad_runtime (each reading the image files itself)."""
     from detectron2.data import DatasetCatalog
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
-    from test_train_net import train_net
 
     out = tmp_path / "student"
     proc = train_net("--config-file", config("student"), "MODEL.TEACHER.WEIGHTS",

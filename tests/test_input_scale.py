@@ -4,9 +4,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import quickstart_cfg
+from helpers import REPO, detector_inputs, quickstart_cfg, small_dataset
 from msad.data.input_checks import CheckedDatasetMapper
-from test_teacher import _inputs
 
 
 @pytest.mark.parametrize("name", ["student", "lr_baseline"])
@@ -19,7 +18,7 @@ def test_low_resolution_input_gives_the_detections_of_the_full_image(name):
     low = build_model(quickstart_cfg(name, "MODEL.FCOS.SCORE_THRESH_TEST", 0.0,
                                      "MODEL.FCOS.INPUT_SCALE", "low")).eval()
     low.load_state_dict(full.state_dict())
-    images = _inputs([(200, 240), (201, 233)], with_boxes=False)
+    images = detector_inputs([(200, 240), (201, 233)], with_boxes=False)
     decimated = [{"image": x["image"][:, ::2, ::2]} for x in images]
     assert low.branch_input_sizes((101, 117)) == full.branch_input_sizes((201, 233)) == [(128, 128)]
     with torch.no_grad():
@@ -49,7 +48,7 @@ def test_low_resolution_input_is_refused_where_it_cannot_work(name, message):
 def test_low_resolution_input_is_for_inference_only():
     model = build_model(quickstart_cfg("lr_baseline", "MODEL.FCOS.INPUT_SCALE", "low")).train()
     with pytest.raises(RuntimeError, match="INPUT_SCALE 'low' is for inference"), EventStorage(0):
-        model(_inputs([(100, 120)]))
+        model(detector_inputs([(100, 120)]))
 
 
 def test_the_test_resize_is_divided_by_the_factor_for_low_resolution_input():
@@ -70,8 +69,6 @@ def test_decimated_dataset_is_what_the_nearest_trained_model_makes_inside(tmp_pa
     import sys
 
     import cv2
-    from conftest import REPO
-    from test_bad_input import small_dataset
 
     json_file, images = small_dataset(tmp_path, n=2)
     out = tmp_path / "lr2"
@@ -98,6 +95,6 @@ def test_area_resampling_is_the_mean_of_each_block():
     torch.testing.assert_close(downsample(x, 2, "area"), torch.nn.functional.avg_pool2d(x, 2))
     torch.testing.assert_close(downsample(x, 4, "area"), torch.nn.functional.avg_pool2d(x, 4))
     model = build_model(quickstart_cfg("lr_baseline", "MODEL.FCOS.INPUT_RESAMPLE", "area"))
-    images = model.preprocess_image(_inputs([(100, 120)], with_boxes=False))
+    images = model.preprocess_image(detector_inputs([(100, 120)], with_boxes=False))
     torch.testing.assert_close(model.extract(images).inputs[0],
                                torch.nn.functional.avg_pool2d(images.tensor, 2))

@@ -15,7 +15,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvalua
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
-from conftest import quickstart_cfg
+from helpers import quickstart_cfg
 from msad.data.coco import register_coco_checked
 from msad.data.synthetic import generate_split
 from msad.engine.defaults import Trainer

@@ -8,11 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import msad.checkpoint.official as official
-from conftest import REPO
+from helpers import REPO, final_ap, quickstart_cfg, run_tool, train_net
 from msad.checkpoint.official import WIDTH_LIST, convert
 from msad.config import load_config
-from test_tools import run_tool
-from test_train_net import final_ap, train_net
 
 # ResNet-50 at width 1: (bottleneck channels, output channels, blocks) of res2..res5.
 STAGES = ((64, 256, 3), (128, 512, 4), (256, 1024, 6), (512, 2048, 3))
@@ -328,8 +326,6 @@ def test_converted_teacher_and_student_evaluate_with_the_trainers(tmp_path):
 def test_topk_by_product_keeps_the_same_detections_and_scores():
     from detectron2.modeling import build_model
 
-    from conftest import quickstart_cfg
-
     models = {}
     for ranking in ("score", "product"):
         torch.manual_seed(0)
@@ -353,8 +349,6 @@ def test_topk_by_product_keeps_the_larger_product_where_square_roots_tie():
     tie and keeps the same position both times, so it keeps the smaller once."""
     from detectron2.modeling import build_model
     from detectron2.structures import ImageList
-
-    from conftest import quickstart_cfg
 
     t = torch.linspace(0.0, 0.01, 200001)
     ctr = torch.sigmoid(t)

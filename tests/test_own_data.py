@@ -8,10 +8,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO, edit_json, quickstart_cfg, small_dataset, train_net
 from msad.config import load_config
-from test_bad_input import edit_json, small_dataset
-from test_train_net import train_net
 
 SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST", "()",
          "DATALOADER.NUM_WORKERS", "0"]
@@ -153,7 +151,6 @@ def test_a_save_into_a_full_file_system_names_the_cause_and_keeps_the_last_check
     from detectron2.modeling import build_model
 
     import msad.utils.io as io_module
-    from conftest import quickstart_cfg
     from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 
     saver = SafeCheckpointer(build_model(quickstart_cfg("hr_baseline")), str(tmp_path))

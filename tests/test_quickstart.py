@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO
-from test_tools import run_tool
+from helpers import REPO, quickstart_cfg, run_tool
 
 
 def quickstart(output, *args):
@@ -37,8 +36,6 @@ def test_a_rerun_prints_the_same_aps_and_another_seed_other_aps(tmp_path):
 def test_each_quickstart_config_writes_where_the_quickstart_puts_its_seed():
     """A config run alone is exactly the quickstart's stage of the configs' SEED."""
     from quickstart import STAGES, stage_opts
-
-    from conftest import quickstart_cfg
 
     for stage in STAGES:
         cfg = quickstart_cfg(stage.name)

@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 import msad.checkpoint.detection_checkpoint as checkpoint_module
-from conftest import quickstart_cfg
+from helpers import RunsCode, quickstart_cfg
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer, load_state_dict_file
 
 
@@ -31,14 +31,9 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]  # no temp files
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    payload = _RunsCode()
+    payload = RunsCode()
     payload.marker = marker
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:

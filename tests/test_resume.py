@@ -10,11 +10,10 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, quickstart_cfg
+from helpers import REPO, quickstart_cfg, train_net
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.engine.defaults import DistillationTrainer
 from msad.engine.hooks import IterationSchedule
-from test_train_net import train_net
 
 MAX_ITER = 40
 # What each model schedules by iteration, and the value it must have at iteration `it`.

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 import install_detectron2 as inst
-from conftest import REPO
+from helpers import REPO
 
 
 def test_package_imports_and_registers():

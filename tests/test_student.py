@@ -1,5 +1,4 @@
 """MSAD student: frozen teacher, distillation loss and warm-up, resume, teacher-free inference."""
-import os
 from functools import partial
 from types import SimpleNamespace
 
@@ -9,36 +8,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, quickstart_cfg
+from helpers import (QUICKSTART_TEACHER, detector_inputs, quickstart_cfg, student_cfg,
+                     student_with_teacher)
 from msad.engine.defaults import DistillationTrainer
 from msad.engine.hooks import IterationSchedule
 from msad.engine.teacher import build_frozen_teacher
 from msad.modeling.alignment import Branch
 from msad.modeling.distill import aligned_feature_l1, warmup_factor
-from test_teacher import _inputs
-
-
-@pytest.fixture(scope="module")
-def teacher_files(tmp_path_factory):
-    """A (randomly initialised) quickstart teacher saved as Detectron2 saves checkpoints."""
-    out = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(1)
-    model = build_model(quickstart_cfg("teacher"))
-    DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
-    return os.path.join(REPO, "configs", "quickstart", "teacher.yaml"), str(out / "model_final.pth")
-
-
-def student_cfg(teacher_files, tmp_path, *opts):
-    config, weights = teacher_files
-    return quickstart_cfg("student", "MODEL.TEACHER.CONFIG_FILE", config,
-                          "MODEL.TEACHER.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path),
-                          "DATALOADER.NUM_WORKERS", 0, *opts)
-
-
-def student_with_teacher(cfg):
-    student = build_model(cfg)
-    student.attach_teacher(build_frozen_teacher(cfg))
-    return student
 
 
 def test_distillation_l1_matches_a_hand_computation():
@@ -50,10 +26,10 @@ def test_distillation_l1_matches_a_hand_computation():
         aligned_feature_l1(s, [t[0], torch.zeros(1, 1, 2, 2)], 3.0)
 
 
-def test_student_distillation_loss_is_alpha_t2_warmup_l1(teacher_files, tmp_path):
-    student = student_with_teacher(student_cfg(teacher_files, tmp_path)).train()
+def test_student_distillation_loss_is_alpha_t2_warmup_l1(untrained_teachers, tmp_path):
+    student = student_with_teacher(student_cfg(untrained_teachers, tmp_path)).train()
     student.distill_warmup = 0.5
-    batch = _inputs([(200, 240), (256, 192)])
+    batch = detector_inputs([(200, 240), (256, 192)])
     with EventStorage(0):
         losses = student(batch)
     with torch.no_grad():
@@ -65,7 +41,7 @@ def test_student_distillation_loss_is_alpha_t2_warmup_l1(teacher_files, tmp_path
     assert {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"} <= set(losses)
 
 
-def test_without_distillation_the_teacher_only_initialises_the_student(teacher_files, tmp_path):
+def test_without_distillation_the_teacher_only_initialises_the_student(untrained_teachers, tmp_path):
     """configs/quickstart/lr_teacher_init.yaml: the student's recipe with KD_ALPHA 0, the
     ablation that separates distillation from starting at the teacher's weights."""
     ablation, student = quickstart_cfg("lr_teacher_init"), quickstart_cfg("student")
@@ -73,7 +49,7 @@ def test_without_distillation_the_teacher_only_initialises_the_student(teacher_f
     ablation.MODEL.MSAD.KD_ALPHA = student.MODEL.MSAD.KD_ALPHA
     ablation.OUTPUT_DIR = student.OUTPUT_DIR
     assert ablation == student  # the student's recipe otherwise, teacher init included
-    cfg = student_cfg(teacher_files, tmp_path, "MODEL.MSAD.KD_ALPHA", 0.0)
+    cfg = student_cfg(untrained_teachers, tmp_path, "MODEL.MSAD.KD_ALPHA", 0.0)
     student = student_with_teacher(cfg).train()
     student.init_from_teacher()
     teacher_state = student.teacher.state_dict()
@@ -84,7 +60,7 @@ def test_without_distillation_the_teacher_only_initialises_the_student(teacher_f
 
     student.teacher.extract = student.teacher.preprocess_image = boom
     with EventStorage(0):
-        losses = student(_inputs([(200, 240)]))
+        losses = student(detector_inputs([(200, 240)]))
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
 
 
@@ -102,8 +78,8 @@ def test_warmup_hook_reads_the_trainer_iteration_so_it_survives_resume():
     assert model.distill_warmup == pytest.approx(0.6)
 
 
-def test_teacher_is_frozen_outside_the_student_and_stays_in_eval(teacher_files, tmp_path):
-    student = student_with_teacher(student_cfg(teacher_files, tmp_path))
+def test_teacher_is_frozen_outside_the_student_and_stays_in_eval(untrained_teachers, tmp_path):
+    student = student_with_teacher(student_cfg(untrained_teachers, tmp_path))
     teacher = student.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert not any(k.startswith("_teacher") or "teacher" in k for k in student.state_dict())
@@ -114,7 +90,7 @@ def test_teacher_is_frozen_outside_the_student_and_stays_in_eval(teacher_files, 
     assert not teacher.training
     with EventStorage(0):
         for _ in range(2):
-            loss = sum(student(_inputs([(224, 224)])).values())
+            loss = sum(student(detector_inputs([(224, 224)])).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -123,8 +99,8 @@ def test_teacher_is_frozen_outside_the_student_and_stays_in_eval(teacher_files, 
         assert torch.equal(v, before[k]), k  # BatchNorm statistics included
 
 
-def test_student_inference_never_runs_the_teacher(teacher_files, tmp_path):
-    student = student_with_teacher(student_cfg(teacher_files, tmp_path)).eval()
+def test_student_inference_never_runs_the_teacher(untrained_teachers, tmp_path):
+    student = student_with_teacher(student_cfg(untrained_teachers, tmp_path)).eval()
 
     def boom(*args, **kwargs):
         raise AssertionError("the teacher ran at inference")
@@ -133,16 +109,16 @@ def test_student_inference_never_runs_the_teacher(teacher_files, tmp_path):
     student.teacher.extract = boom
     student.teacher.preprocess_image = boom
     with torch.no_grad():
-        out = student(_inputs([(200, 210), (256, 256), (190, 250)], with_boxes=False))
+        out = student(detector_inputs([(200, 210), (256, 256), (190, 250)], with_boxes=False))
     assert len(out) == 3
     # And without any teacher at all, as after --eval-only.
     with torch.no_grad():
-        assert len(build_model(student_cfg(teacher_files, tmp_path)).eval()(
-            _inputs([(200, 200)], with_boxes=False))) == 1
+        assert len(build_model(student_cfg(untrained_teachers, tmp_path)).eval()(
+            detector_inputs([(200, 200)], with_boxes=False))) == 1
 
 
-def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
-    cfg = student_cfg(teacher_files, tmp_path)
+def test_a_teacher_must_be_another_compatible_model(untrained_teachers, tmp_path):
+    cfg = student_cfg(untrained_teachers, tmp_path)
     student = build_model(cfg)
     with pytest.raises(TypeError, match="separate msad detector"):
         student.attach_teacher(student)
@@ -154,26 +130,25 @@ def test_a_teacher_must_be_another_compatible_model(teacher_files, tmp_path):
     assert student.teacher_pairs(teacher) == [(i, i) for i in range(5)]
 
 
-def test_light_student_distills_the_four_levels_it_shares(teacher_files, tmp_path):
-    config, weights = teacher_files
-    cfg = quickstart_cfg("student_light", "MODEL.TEACHER.CONFIG_FILE", config,
-                         "MODEL.TEACHER.WEIGHTS", weights)
+def test_light_student_distills_the_four_levels_it_shares(untrained_teachers, tmp_path):
+    cfg = quickstart_cfg("student_light", "MODEL.TEACHER.CONFIG_FILE", QUICKSTART_TEACHER,
+                         "MODEL.TEACHER.WEIGHTS", str(untrained_teachers / "teacher.pth"))
     student = student_with_teacher(cfg).train()
     assert student.branches == [Branch(2, ("p3", "p4", "p5", "p6", "p7"))]  # of the 0.5x image
     assert student.full_resolution_levels == ["p4", "p5", "p6", "p7", "p8"]
     assert student.teacher_pairs(student.teacher) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     with EventStorage(0):
-        losses = student(_inputs([(224, 256)]))
+        losses = student(detector_inputs([(224, 256)]))
     assert losses["loss_distill"].item() > 0
 
 
-def test_while_distilling_the_batch_is_padded_for_student_and_teacher(teacher_files, tmp_path):
+def test_while_distilling_the_batch_is_padded_for_student_and_teacher(untrained_teachers, tmp_path):
     """Aligned levels are compared on one padded batch: a teacher that needs a coarser multiple
     than the student (here by config) raises the student's padding for training only."""
-    student = build_model(student_cfg(teacher_files, tmp_path))
+    student = build_model(student_cfg(untrained_teachers, tmp_path))
     teacher = build_model(quickstart_cfg("teacher", "MODEL.FCOS.SIZE_DIVISIBILITY", 256))
     student.attach_teacher(teacher)
-    batch = _inputs([(200, 300)])
+    batch = detector_inputs([(200, 300)])
     assert student.train().preprocess_image(batch).tensor.shape[-2:] == (256, 512)
     with EventStorage(0):
         assert student(batch)["loss_distill"].item() > 0
@@ -185,13 +160,13 @@ def test_while_distilling_the_batch_is_padded_for_student_and_teacher(teacher_fi
     ("MODEL.TEACHER.CONFIG_FILE", "nowhere/teacher.yaml", "nowhere/teacher.yaml"),
     ("MODEL.TEACHER.CONFIG_FILE", "", "CONFIG_FILE is empty"),
 ])
-def test_missing_teacher_files_are_named(teacher_files, tmp_path, key, value, message):
+def test_missing_untrained_teachers_are_named(untrained_teachers, tmp_path, key, value, message):
     with pytest.raises((FileNotFoundError, ValueError), match=message):
-        build_frozen_teacher(student_cfg(teacher_files, tmp_path, key, value))
+        build_frozen_teacher(student_cfg(untrained_teachers, tmp_path, key, value))
 
 
-def test_teacher_checkpoint_of_another_width_is_refused(teacher_files, tmp_path):
-    cfg = student_cfg(teacher_files, tmp_path)
+def test_teacher_checkpoint_of_another_width_is_refused(untrained_teachers, tmp_path):
+    cfg = student_cfg(untrained_teachers, tmp_path)
     wide = build_model(quickstart_cfg("teacher", "MODEL.SLIMMABLE.WIDTH", 0.5))
     DetectionCheckpointer(wide, save_dir=str(tmp_path)).save("wide")
     cfg.MODEL.TEACHER.WEIGHTS = str(tmp_path / "wide.pth")
@@ -204,8 +179,8 @@ def _trainer(cfg):
     return DistillationTrainer(cfg)
 
 
-def test_fresh_run_starts_from_the_teacher_and_resume_from_the_student(teacher_files, tmp_path):
-    cfg = student_cfg(teacher_files, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1)
+def test_fresh_run_starts_from_the_teacher_and_resume_from_the_student(untrained_teachers, tmp_path):
+    cfg = student_cfg(untrained_teachers, tmp_path, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1)
     trainer = _trainer(cfg.clone())
     trainer.resume_or_load(resume=False)
     teacher_sd = trainer.teacher.state_dict()
@@ -237,13 +212,13 @@ def test_channel_normalised_distillation_ignores_the_teachers_scale_and_offset()
         aligned_feature_l1(s, t, 1.0, "batch")
 
 
-def test_train_mode_teacher_bn_uses_batch_statistics_and_keeps_its_weights(teacher_files, tmp_path):
-    eval_student = student_with_teacher(student_cfg(teacher_files, tmp_path)).train()
-    train_student = build_model(student_cfg(teacher_files, tmp_path))
-    train_student.attach_teacher(build_frozen_teacher(student_cfg(teacher_files, tmp_path)),
+def test_train_mode_teacher_bn_uses_batch_statistics_and_keeps_its_weights(untrained_teachers, tmp_path):
+    eval_student = student_with_teacher(student_cfg(untrained_teachers, tmp_path)).train()
+    train_student = build_model(student_cfg(untrained_teachers, tmp_path))
+    train_student.attach_teacher(build_frozen_teacher(student_cfg(untrained_teachers, tmp_path)),
                                  bn_mode="train")
     teacher = train_student.teacher
-    batch = _inputs([(224, 224), (192, 256)])
+    batch = detector_inputs([(224, 224), (192, 256)])
     in_eval, _ = eval_student.teacher_outputs(batch)
     weights = [p.clone() for p in teacher.parameters()]
     stem = teacher.backbone.bottom_up.stem.conv1.norm
@@ -259,23 +234,23 @@ def test_train_mode_teacher_bn_uses_batch_statistics_and_keeps_its_weights(teach
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(a, b) for a, b in zip(weights, teacher.parameters()))
     with pytest.raises(ValueError, match="MODEL.TEACHER.BN_MODE must be one of"):
-        build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(
-            build_frozen_teacher(student_cfg(teacher_files, tmp_path)), bn_mode="frozen")
+        build_model(student_cfg(untrained_teachers, tmp_path)).attach_teacher(
+            build_frozen_teacher(student_cfg(untrained_teachers, tmp_path)), bn_mode="frozen")
     frozen = build_model(quickstart_cfg("teacher", "MODEL.RESNETS.NORM", "FrozenBN",
                                          "MODEL.MSAD.BRANCH_BN", False))
     with pytest.raises(ValueError, match="BN_MODE 'train' needs BatchNorm layers"):
-        build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(frozen, bn_mode="train")
+        build_model(student_cfg(untrained_teachers, tmp_path)).attach_teacher(frozen, bn_mode="train")
     one_branch = build_model(quickstart_cfg("teacher", "MODEL.MSAD.TEST_BRANCH", "hr"))
     with pytest.raises(ValueError, match="TEST_BRANCH must be 'fused', not 'hr'"):
-        build_model(student_cfg(teacher_files, tmp_path)).attach_teacher(one_branch)
+        build_model(student_cfg(untrained_teachers, tmp_path)).attach_teacher(one_branch)
 
 
-def test_student_logs_the_distillations_share_of_the_gradient(teacher_files, tmp_path):
-    batch = _inputs([(224, 224)])
+def test_student_logs_the_distillations_share_of_the_gradient(untrained_teachers, tmp_path):
+    batch = detector_inputs([(224, 224)])
     grads, logged = {}, {}
     for period in (5, 0):
         torch.manual_seed(0)
-        student = student_with_teacher(student_cfg(teacher_files, tmp_path,
+        student = student_with_teacher(student_cfg(untrained_teachers, tmp_path,
                                                    "MODEL.MSAD.GRAD_SHARE_PERIOD", period)).train()
         student.distill_warmup = 1.0
         with EventStorage(4) as storage:  # the 5th iteration ends a period of 5
@@ -303,16 +278,16 @@ def test_student_logs_the_distillations_share_of_the_gradient(teacher_files, tmp
             torch.sqrt(sum((x * x).sum() for x in g)).item(), rel=1e-4), name
     assert 0 < found["grad_share/distill"] < 1
     with pytest.raises(ValueError, match="GRAD_SHARE_PERIOD must be 0"):
-        build_model(student_cfg(teacher_files, tmp_path, "MODEL.MSAD.GRAD_SHARE_PERIOD", -1))
+        build_model(student_cfg(untrained_teachers, tmp_path, "MODEL.MSAD.GRAD_SHARE_PERIOD", -1))
 
 
-def test_kd_levels_choose_which_shared_levels_are_distilled(teacher_files, tmp_path):
-    every = student_with_teacher(student_cfg(teacher_files, tmp_path)).train()
-    two = student_with_teacher(student_cfg(teacher_files, tmp_path,
+def test_kd_levels_choose_which_shared_levels_are_distilled(untrained_teachers, tmp_path):
+    every = student_with_teacher(student_cfg(untrained_teachers, tmp_path)).train()
+    two = student_with_teacher(student_cfg(untrained_teachers, tmp_path,
                                            "MODEL.MSAD.KD_LEVELS", ["p3", "p5"])).train()
     assert two.distilled_pairs(two.teacher) == [(0, 0), (2, 2)]
     assert every.distilled_pairs(every.teacher) == every.teacher_pairs(every.teacher)
-    batch = _inputs([(224, 224)])
+    batch = detector_inputs([(224, 224)])
     own = two.extract(two.preprocess_image(batch)).head_in
     teacher_features, _ = two.teacher_outputs(batch)
     two.distill_warmup = 1.0
@@ -323,4 +298,4 @@ def test_kd_levels_choose_which_shared_levels_are_distilled(teacher_files, tmp_p
                                                      [teacher_features[0], teacher_features[2]], t)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     with pytest.raises(ValueError, match=r"MODEL.MSAD.KD_LEVELS names \['p2'\]"):
-        build_model(student_cfg(teacher_files, tmp_path, "MODEL.MSAD.KD_LEVELS", ["p2"]))
+        build_model(student_cfg(untrained_teachers, tmp_path, "MODEL.MSAD.KD_LEVELS", ["p2"]))

@@ -6,30 +6,14 @@ import torch
 from torch import nn
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import quickstart_cfg
+from helpers import detector_inputs, quickstart_cfg
 from msad.modeling.alignment import (Branch, check_levels, level_shift, padding_multiple,
                                      shift_levels)
 from msad.modeling.distill import batch_norms
 from msad.modeling.resample import downsample
 from msad.modeling.teacher import CrossLevelFusion, add_branch_statistics, lr_statistics
-
-
-def _inputs(sizes, seed=0, with_boxes=True):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for h, w in sizes:
-        d = {"image": torch.randint(0, 256, (3, h, w), generator=g).float(), "height": h,
-             "width": w}
-        if with_boxes:
-            inst = Instances((h, w))
-            inst.gt_boxes = Boxes(torch.tensor([[2.0, 3.0, w / 2, h / 2], [w / 3, h / 4, w - 1, h - 2]]))
-            inst.gt_classes = torch.tensor([0, 3])
-            d["instances"] = inst
-        batch.append(d)
-    return batch
 
 
 @pytest.fixture
@@ -113,7 +97,7 @@ def test_every_image_of_a_batch_is_predicted_in_its_own_size(arch):
     # stride to each side.
     torch.nn.init.constant_(model.head.bbox_pred.bias, 1.0)
     sizes = [(201, 333), (256, 256), (97, 410)]
-    batch = _inputs(sizes, with_boxes=False)
+    batch = detector_inputs(sizes, with_boxes=False)
     batch[1]["height"], batch[1]["width"] = 512, 512  # asked for at another size
     with torch.no_grad():
         out = model(batch)
@@ -142,7 +126,7 @@ def _arch_cfg(arch):
 def test_no_parameter_is_unused_in_a_training_step(arch):
     model = build_model(_arch_cfg(arch)).train()
     with EventStorage(0):
-        losses = model(_inputs([(200, 300), (256, 180)]))
+        losses = model(detector_inputs([(200, 300), (256, 180)]))
     sum(losses.values()).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
@@ -150,12 +134,12 @@ def test_no_parameter_is_unused_in_a_training_step(arch):
 
 def test_teacher_reports_each_branch_loss_and_weights_the_fused_one(teacher):
     with EventStorage(0):
-        losses = teacher(_inputs([(200, 300)]))
+        losses = teacher(detector_inputs([(200, 300)]))
     assert set(losses) == {f"loss_{b}_{k}" for b in ("hr", "lr", "fused")
                            for k in ("cls", "loc", "ctr")}
     teacher.joint_weight = 1.0
     with EventStorage(0):
-        unweighted = teacher(_inputs([(200, 300)]))
+        unweighted = teacher(detector_inputs([(200, 300)]))
     torch.testing.assert_close(losses["loss_fused_cls"], 0.4 * unweighted["loss_fused_cls"])
 
 
@@ -166,7 +150,7 @@ def test_backbone_levels_that_no_branch_uses_are_refused():
 
 
 def test_loss_falls_when_overfitting_two_images(teacher):
-    batch = _inputs([(224, 288), (256, 256)], seed=1)
+    batch = detector_inputs([(224, 288), (256, 256)], seed=1)
     opt = torch.optim.SGD(teacher.parameters(), lr=0.01, momentum=0.9)
     history = []
     with EventStorage(0) as storage:
@@ -189,7 +173,7 @@ def test_syncbn_zoo_config_trains_a_step_in_one_process():
     cfg = quickstart_cfg("teacher", "MODEL.RESNETS.NORM", "SyncBN")
     model = build_model(cfg).train()
     with EventStorage(0):
-        losses = model(_inputs([(128, 160), (160, 128)]))
+        losses = model(detector_inputs([(128, 160), (160, 128)]))
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -218,7 +202,7 @@ def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_
     assert len(norms) == len(batch_norms(teacher.backbone))
     assert all(torch.equal(n.running_mean, n.running_mean_lr) for n in norms)
     with EventStorage(0):
-        teacher(_inputs([(224, 224)]))
+        teacher(detector_inputs([(224, 224)]))
     stem = norms[0]
     hr_statistics = stem.running_mean
     # The HR pass updated the HR statistics, the LR pass the LR ones, each from its own input.
@@ -226,7 +210,7 @@ def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_
     # At inference each branch reads its own statistics: changing the LR ones moves the LR
     # branch's features only.
     teacher.eval()
-    images = teacher.preprocess_image(_inputs([(224, 224)], with_boxes=False))
+    images = teacher.preprocess_image(detector_inputs([(224, 224)], with_boxes=False))
     with torch.no_grad():
         hr, lr = teacher.extract(images).branch_levels
         for n in norms:
@@ -248,7 +232,7 @@ def test_branch_bn_keeps_one_set_of_statistics_per_branch_and_gives_the_student_
 def test_teacher_predicts_from_one_branch_on_request_and_logs_its_fusion_weights():
     torch.manual_seed(0)
     teacher = build_model(quickstart_cfg("teacher")).eval()
-    batch = _inputs([(224, 224)], with_boxes=False)
+    batch = detector_inputs([(224, 224)], with_boxes=False)
     hr, lr = teacher.extract(teacher.preprocess_image(batch)).branch_levels
     for branch, levels in (("hr", hr), ("lr", lr)):
         teacher.test_branch = branch
@@ -258,7 +242,7 @@ def test_teacher_predicts_from_one_branch_on_request_and_logs_its_fusion_weights
     assert all(torch.equal(a, fuse(h, l)) for a, fuse, h, l in zip(fused, teacher.fusion, hr, lr))
     teacher.train()
     with EventStorage(0) as storage:
-        teacher(_inputs([(224, 224)]))
+        teacher(detector_inputs([(224, 224)]))
         logged = storage.latest()
     assert sorted(logged)[:5] == [f"fusion_hr_weight/p{i}" for i in range(3, 8)]
     assert all(0 < logged[f"fusion_hr_weight/p{i}"][0] < 1 for i in range(3, 8))
@@ -271,7 +255,7 @@ def test_centerness_weighted_box_loss_is_the_official_one():
 
     torch.manual_seed(0)
     model = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.BOX_LOSS_WEIGHTING", "centerness"))
-    batch = _inputs([(224, 224), (192, 256)])
+    batch = detector_inputs([(224, 224), (192, 256)])
     with EventStorage(0):
         images = model.preprocess_image(batch)
         levels = model.extract(images).head_in

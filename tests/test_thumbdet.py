@@ -4,28 +4,18 @@ import os
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, quickstart_cfg
+from helpers import detector_inputs, quickstart_cfg
 from msad.engine.teacher import build_frozen_teacher
 from msad.modeling.resample import downsample
 from msad.modeling.thumbdet import (CONSTANT_CHANNEL_STD, LearnedDownsampler, detection_phase,
                                     feature_mimic, image_statistics_loss, sigmoid_kd)
-from test_teacher import _inputs
-
-
-@pytest.fixture(scope="module")
-def hr_teacher_weights(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hr")
-    torch.manual_seed(2)
-    DetectionCheckpointer(build_model(quickstart_cfg("hr_baseline")), save_dir=str(out)).save("m")
-    return str(out / "m.pth")
 
 
 def thumbdet_cfg(weights, *opts):
-    return quickstart_cfg("thumbdet_4x", "MODEL.TEACHER.WEIGHTS", weights, *opts)
+    return quickstart_cfg("thumbdet_4x", "MODEL.TEACHER.WEIGHTS", str(weights), *opts)
 
 
 def thumbdet_with_teacher(cfg):
@@ -89,9 +79,9 @@ def test_the_correction_keeps_each_images_channel_means_and_spares_the_padding()
         assert torch.equal(thumb[i][outside], bicubic[i][outside])
 
 
-def test_a_constant_thumbnail_channel_is_warned_with_its_iteration(hr_teacher_weights, caplog):
-    model = thumbdet_with_teacher(thumbdet_cfg(hr_teacher_weights)).train()
-    batch = _inputs([(200, 240), (256, 190)])
+def test_a_constant_thumbnail_channel_is_warned_with_its_iteration(untrained_teachers, caplog):
+    model = thumbdet_with_teacher(thumbdet_cfg(untrained_teachers / "hr_baseline.pth")).train()
+    batch = detector_inputs([(200, 240), (256, 190)])
     with EventStorage(7) as storage:
         model(batch)
     assert model.constant_thumbnail_channels == []
@@ -152,9 +142,9 @@ def test_detection_phase_switches_after_warmup(iteration, phase):
     assert detection_phase(iteration, 100) == phase
 
 
-def test_only_the_statistics_loss_trains_during_warmup(hr_teacher_weights):
-    model = thumbdet_with_teacher(thumbdet_cfg(hr_teacher_weights)).train()
-    batch = _inputs([(200, 240), (256, 190)])
+def test_only_the_statistics_loss_trains_during_warmup(untrained_teachers):
+    model = thumbdet_with_teacher(thumbdet_cfg(untrained_teachers / "hr_baseline.pth")).train()
+    batch = detector_inputs([(200, 240), (256, 190)])
     model.detection_phase = 0.0
     with EventStorage(0):
         warm = model(batch)
@@ -169,14 +159,14 @@ def test_only_the_statistics_loss_trains_during_warmup(hr_teacher_weights):
     assert all(v.item() > 0 for v in trained.values())
 
 
-def test_teacher_is_frozen_and_unused_at_inference(hr_teacher_weights):
-    model = thumbdet_with_teacher(thumbdet_cfg(hr_teacher_weights))
+def test_teacher_is_frozen_and_unused_at_inference(untrained_teachers):
+    model = thumbdet_with_teacher(thumbdet_cfg(untrained_teachers / "hr_baseline.pth"))
     teacher = model.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert not any("teacher" in k for k in model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with EventStorage(0):
-        loss = sum(model.train()(_inputs([(224, 224)])).values())
+        loss = sum(model.train()(detector_inputs([(224, 224)])).values())
     loss.backward()
     opt.step()
     assert not teacher.training
@@ -187,12 +177,12 @@ def test_teacher_is_frozen_and_unused_at_inference(hr_teacher_weights):
 
     teacher.forward = teacher.extract = teacher.preprocess_image = boom
     with torch.no_grad():
-        out = model.eval()(_inputs([(201, 199), (256, 256), (96, 130)], with_boxes=False))
+        out = model.eval()(detector_inputs([(201, 199), (256, 256), (96, 130)], with_boxes=False))
     assert [o["instances"].image_size for o in out] == [(201, 199), (256, 256), (96, 130)]
 
 
-def test_a_teacher_whose_levels_cannot_align_is_refused(hr_teacher_weights):
-    model = build_model(thumbdet_cfg(hr_teacher_weights, "MODEL.FCOS.IN_FEATURES", ["p5", "p6"],
+def test_a_teacher_whose_levels_cannot_align_is_refused(untrained_teachers):
+    model = build_model(thumbdet_cfg(untrained_teachers / "hr_baseline.pth", "MODEL.FCOS.IN_FEATURES", ["p5", "p6"],
                                      "MODEL.FPN.IN_FEATURES", ["res5"]))
     teacher = build_model(quickstart_cfg("hr_baseline", "MODEL.FCOS.IN_FEATURES",
                                          ["p3", "p4", "p5", "p6"], "MODEL.FPN.NUM_TOP_LEVELS", 1))
@@ -200,16 +190,16 @@ def test_a_teacher_whose_levels_cannot_align_is_refused(hr_teacher_weights):
         model.attach_teacher(teacher)
 
 
-def test_images_smaller_than_the_factor_are_refused(hr_teacher_weights):
-    model = build_model(thumbdet_cfg(hr_teacher_weights)).eval()
+def test_images_smaller_than_the_factor_are_refused(untrained_teachers):
+    model = build_model(thumbdet_cfg(untrained_teachers / "hr_baseline.pth")).eval()
     with pytest.raises(ValueError, match="3x50 image is smaller than MODEL.FCOS.INPUT_FACTOR=4"):
-        model(_inputs([(3, 50)], with_boxes=False))
+        model(detector_inputs([(3, 50)], with_boxes=False))
 
 
 def test_bicubic_baseline_is_the_single_scale_fcos_on_the_bicubic_thumbnail():
     model = build_model(quickstart_cfg("bicubic_4x")).train()
     assert type(model).__name__ == "SingleScaleFCOS" and not hasattr(model, "downsampler")
-    batch = _inputs([(200, 240)])
+    batch = detector_inputs([(200, 240)])
     images = model.preprocess_image(batch)
     torch.testing.assert_close(model.extract(images).inputs[0],
                                downsample(images.tensor, 4, "bicubic"), rtol=0, atol=0)
@@ -218,13 +208,13 @@ def test_bicubic_baseline_is_the_single_scale_fcos_on_the_bicubic_thumbnail():
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
 
 
-def test_thumbnail_picture_shows_three_equal_panels(hr_teacher_weights, tmp_path):
+def test_thumbnail_picture_shows_three_equal_panels(untrained_teachers, tmp_path):
     from thumbnails import write_comparisons
 
     import cv2
     from detectron2.data import DatasetCatalog
 
-    model = build_model(thumbdet_cfg(hr_teacher_weights)).eval()
+    model = build_model(thumbdet_cfg(untrained_teachers / "hr_baseline.pth")).eval()
     dicts = DatasetCatalog.get("msad_synth_val")[:1]
     [(path, contrast)] = write_comparisons(model, dicts, str(tmp_path))
     assert 0.8 < contrast["bicubic"] < 1.0  # bicubic blurs a little

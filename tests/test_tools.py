@@ -1,20 +1,13 @@
 """The measurement tools: benchmark table and JSON, AP-vs-cost picture, capacity JSON."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, run_tool
 
 QUICK = [os.path.join(REPO, "configs", "quickstart", f"{n}.yaml")
          for n in ("hr_baseline", "student", "thumbdet_4x")]
-
-
-def run_tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def _benchmark(tmp_path, device):

@@ -10,10 +10,9 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import quickstart_cfg, torchvision_opts
+from helpers import detector_inputs, quickstart_cfg, torchvision_opts
 from msad.modeling.torchvision_backbone import (build_torchvision_fpn_backbone,
                                                 torchvision_resnet_key)
-from test_teacher import _inputs
 
 
 def imagenet_file(arch, path, seed=0):
@@ -174,7 +173,7 @@ def test_every_detector_trains_a_step_on_the_backbone(arch, name, trained_teache
         model.init_from_teacher()
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with EventStorage(0):
-        losses = model(_inputs([(128, 128), (112, 96)]))
+        losses = model(detector_inputs([(128, 128), (112, 96)]))
     assert all(torch.isfinite(v) for v in losses.values()), losses
     assert ("loss_distill" in losses) == (name == "student" or name == "student_light")
     sum(losses.values()).backward()
@@ -182,7 +181,7 @@ def test_every_detector_trains_a_step_on_the_backbone(arch, name, trained_teache
     assert not unused, f"parameters without a gradient: {unused[:5]}"
     model.eval()
     with torch.no_grad():
-        (result,) = model(_inputs([(120, 100)], with_boxes=False))
+        (result,) = model(detector_inputs([(120, 100)], with_boxes=False))
     assert result["instances"].image_size == (120, 100)
 
 
@@ -200,5 +199,5 @@ def test_a_student_distills_from_a_teacher_on_another_backbone_but_cannot_start_
     with pytest.raises(ValueError, match=r"of another shape.*MODEL.TORCHVISION.ARCH"):
         student.init_from_teacher()
     with EventStorage(0):
-        losses = student(_inputs([(128, 128)]))
+        losses = student(detector_inputs([(128, 128)]))
     assert losses["loss_distill"] > 0

@@ -1,27 +1,9 @@
 """train_net_T.py end to end: command-line errors, and the quickstart teacher."""
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
-
-QUICKSTART_TEACHER = os.path.join(REPO, "configs", "quickstart", "teacher.yaml")
-
-
-def train_net(*args, script="train_net_T.py", timeout=1500, env=None):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
-
-
-def final_ap(log):
-    """The numbers of the last 'copypaste:' line that Detectron2 prints after evaluating."""
-    rows = re.findall(r"copypaste: ([-0-9.,na]+)$", log, flags=re.M)
-    assert rows, log[-3000:]
-    return rows[-1]
+from helpers import QUICKSTART_TEACHER, REPO, final_ap, train_net
 
 
 def test_missing_config_file_is_named():

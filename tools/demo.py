@@ -46,6 +46,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
+from msad.checkpoint.model_info import dataset_id_list
 from msad.data.label_formats import IMAGE_EXTENSIONS
 from msad.export.exporter import ExportedPredictor, is_export
 from msad.export.predictor import Predictor
@@ -204,13 +205,12 @@ def enlarged(image, instances, scale):
 def coco_results(instances, metadata, **where):
     """COCO-results entries of `instances`: box [x, y, w, h] in the input's pixels; category_id
     is the dataset's id when the model knows it, else the class index."""
-    to_dataset_id = {v: k for k, v in
-                     metadata.get("thing_dataset_id_to_contiguous_id", {}).items()}
+    dataset_ids = dataset_id_list(metadata)
     entries = []
     for (x0, y0, x1, y1), score, cls in zip(instances.pred_boxes.tensor.tolist(),
                                             instances.scores.tolist(),
                                             instances.pred_classes.tolist()):
-        entries.append({**where, "category_id": to_dataset_id.get(cls, cls),
+        entries.append({**where, "category_id": dataset_ids[cls] if dataset_ids else cls,
                         "category_name": metadata.thing_classes[cls],
                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
     return entries

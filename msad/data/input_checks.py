@@ -60,18 +60,25 @@ def _clipped_box(annotation, height, width):
     return box, [x0, y0, x1, y1]
 
 
-def _image_size(record):
-    """(height, width) from the record, or else from the image file's header (after its EXIF
-    rotation, as Detectron2 reads it); None if the file cannot be read."""
+def upright_size(path):
+    """(width, height) of an image file after its EXIF rotation, as Detectron2 reads it, from
+    the file's header; OSError if it cannot be read."""
+    with Image.open(path) as image:
+        width, height = image.size
+        transposed = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    return (height, width) if transposed else (width, height)
+
+
+def _record_size(record):
+    """(height, width) from the record, or else from the image file's header; None if the file
+    cannot be read."""
     if "height" in record and "width" in record:
         return record["height"], record["width"]
     try:
-        with Image.open(record["file_name"]) as image:
-            width, height = image.size
-            transposed = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+        width, height = upright_size(record["file_name"])
     except OSError:
         return None
-    return (width, height) if transposed else (height, width)
+    return height, width
 
 
 def check_training_records(dataset_dicts, bad_images="raise"):
@@ -94,7 +101,7 @@ def check_training_records(dataset_dicts, bad_images="raise"):
             continue
         record = copy.copy(record)
         kept = []
-        size = _image_size(record) if record.get("annotations") else None
+        size = _record_size(record) if record.get("annotations") else None
         for annotation in record.get("annotations", []):
             if size is None:  # unreadable: the data mapper stops or skips it by name
                 kept.append(annotation)

@@ -16,9 +16,8 @@ import json
 import os
 import xml.etree.ElementTree as ET
 
-from PIL import Image
-
 from ..utils.io import write_atomically
+from .input_checks import upright_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -33,14 +32,11 @@ def image_files(image_dir):
 
 
 def image_size(path):
-    """(width, height) of an image file after its EXIF rotation, as Detectron2 reads it."""
+    """(width, height) of an image file after its EXIF rotation; the error names the file."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)
+        return upright_size(path)
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
-    return (height, width) if rotated else (width, height)
 
 
 def coco_dict(records, classes):
