@@ -8,18 +8,8 @@ The teacher (MODEL.TEACHER.CONFIG_FILE / WEIGHTS) is loaded only to train: it is
 mode, outside the student's checkpoint, optimizer and DDP wrapper.  --eval-only runs the student
 alone and needs no teacher.
 """
-from detectron2.engine import default_argument_parser, launch
-
 import msad  # noqa: F401  (registers the architectures and datasets)
-from msad.engine.defaults import DistillationTrainer, run
-
-
-def main(args):
-    return run(args, DistillationTrainer)
-
+from msad.engine.defaults import DistillationTrainer, main
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    main(DistillationTrainer)

@@ -10,7 +10,7 @@ from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_te
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase,
-                               create_ddp_model, default_setup)
+                               create_ddp_model, default_argument_parser, default_setup, launch)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver import get_default_optimizer_params
@@ -275,3 +275,12 @@ def run(args, trainer_cls=Trainer):
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def main(trainer_cls, argv=None):
+    """The command line of train_net_T.py and train_net_S.py, as Detectron2's ``train_net.py``:
+    Detectron2's arguments, then ``run`` in each process its ``launch`` starts."""
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args, trainer_cls))
