@@ -36,6 +36,18 @@ def test_env_summary_names_the_detectron2_and_torch_in_use():
     assert "export: onnx 1." in text and "onnxruntime 1." in text
 
 
+def test_the_modules_setup_runs_exist():
+    """tools/setup.sh ends by running package modules (python -m ...): each must be importable."""
+    import importlib.util
+    import re
+
+    with open(os.path.join(REPO, "tools", "setup.sh")) as f:
+        modules = re.findall(r"-m (msad[\w.]*)", f.read())
+    assert modules
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, module
+
+
 def test_corrupt_wheel_is_refused_and_removed(tmp_path, capsys):
     wheel = tmp_path / inst.WHEEL_NAME
     wheel.write_bytes(b"not the wheel")
