@@ -16,7 +16,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..utils.io import TEMPORARY_SUFFIX, is_out_of_space, write_atomically
 
 
-
 def tensor_bytes(obj):
     """Bytes of the tensors in a nested dict / list (a checkpoint's payload)."""
     if isinstance(obj, torch.Tensor):

@@ -340,7 +340,6 @@ class AlignedFCOS(FCOS):
         return processed
 
 
-
 @META_ARCH_REGISTRY.register()
 class SingleScaleFCOS(AlignedFCOS):
     """One FCOS on one input: the full image (``MODEL.FCOS.INPUT_FACTOR 1``, the HR baseline) or
