@@ -21,7 +21,7 @@ def add_msad_config(cfg):
     _C.DATASETS.COCO_INSTANCES = []
     # A training image that is missing, truncated, not an image or of another size than its
     # record: "raise" stops the run naming the file; "skip" leaves it out and counts it in the
-    # log (msad/data/input_checks.py).  Evaluation always stops, since skipping changes the metrics.
+    # log (msad.data.input_checks).  Evaluation always stops, since skipping changes the metrics.
     _C.DATALOADER.BAD_IMAGES = "raise"
 
     # ---- Slimmable ResNet + FPN backbone (msad/modeling/backbone.py, msad/checkpoint/slimmable.py) ---------

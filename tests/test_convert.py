@@ -1,4 +1,4 @@
-"""VOC and YOLO labels to COCO (msad/data/label_formats.py, tools/convert_dataset.py), on hand-made files."""
+"""VOC and YOLO labels to COCO (msad.data.label_formats, tools/convert_dataset.py), on hand-made files."""
 import json
 
 import numpy as np

@@ -8,7 +8,7 @@
         --classes-file data.yaml --output yolo_train.json
 
 Then train on it with DATASETS.COCO_INSTANCES "[['mine_train', 'voc_train.json', 'VOC/JPEGImages']]"
-(see README, "Your own data").  msad/data/label_formats.py says how coordinates, difficult objects and
+(see README, "Your own data").  msad.data.label_formats says how coordinates, difficult objects and
 unlabelled images are treated.  An existing --output is not overwritten (--force does).
 """
 import argparse

@@ -76,7 +76,7 @@ COMPARISONS = (
 METRICS = ("AP", "APs", "AP50")
 # The dataset and schedule of a benchmark, as overrides of every model's config.
 PROTOCOLS = {
-    # msad_detail: small objects told apart by a hole a 2x down-sampling blurs (msad/data/synthetic.py);
+    # msad_detail: small objects told apart by a hole a 2x down-sampling blurs (msad.data.synthetic);
     # batch 8, no data-loader workers (deterministic, and cheap on 128-pixel images).
     "detail": ("DATASETS.TRAIN", "('msad_detail_train',)", "DATASETS.TEST", "('msad_detail_val',)",
                "MODEL.FCOS.NUM_CLASSES", "4", "SOLVER.IMS_PER_BATCH", "8",

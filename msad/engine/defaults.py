@@ -158,7 +158,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # Detectron2's loader over records whose files and boxes were checked first
-        # (msad/data/input_checks.py); empty images are dropped after the bad boxes are.
+        # (msad.data.input_checks); empty images are dropped after the bad boxes are.
         dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         dicts = check_training_records(dicts, cfg.DATALOADER.BAD_IMAGES)
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
