@@ -11,6 +11,12 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+# The official code's WIDTH_MULT_LIST, in the order of the BatchNorm sets of its checkpoints and
+# of the slimmable ImageNet file.
+OFFICIAL_WIDTH_LIST = (0.25, 0.5, 0.75, 1.0)
+# The project folder: the bundled configs (configs/) and training scripts are named relative to it.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def add_msad_config(cfg):
     _C = cfg
@@ -30,7 +36,7 @@ def add_msad_config(cfg):
     _C.MODEL.SLIMMABLE.WIDTH = 1.0
     # Widths the slimmable ImageNet checkpoint was trained with; the position of WIDTH in this
     # list selects its BatchNorm statistics (the file does not store the list).
-    _C.MODEL.SLIMMABLE.WIDTH_LIST = [0.25, 0.5, 0.75, 1.0]
+    _C.MODEL.SLIMMABLE.WIDTH_LIST = list(OFFICIAL_WIDTH_LIST)
     # Path of a slimmable-network ImageNet checkpoint (s_resnet50_0.25_0.5_0.75_1.0.pt) to
     # initialise the ResNet from, sliced to WIDTH; "" = none.  MODEL.WEIGHTS, if set, is loaded
     # afterwards by the checkpointer and wins.  A relative path not found from the current

@@ -1,10 +1,6 @@
-import os
-import sys
 import pytest
 
-from helpers import REPO, quickstart_cfg
-
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from helpers import quickstart_cfg
 
 
 @pytest.fixture(scope="session")

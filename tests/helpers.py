@@ -1,4 +1,5 @@
 """What several test files share: paths, configs, inputs, and running the scripts and tools."""
+import importlib.util
 import json
 import os
 import re
@@ -51,11 +52,31 @@ def train_net(*args, script="train_net_T.py", timeout=1500, env=None):
                           env=None if env is None else {**os.environ, **env})
 
 
+def train_in_process(*args, script="train_net_T.py"):
+    """What `script` (train_net_T.py or train_net_S.py) does with `args`, in this process (its
+    checks raise here); each script's own process is tested once, in test_train_net.py."""
+    from msad.engine.defaults import DistillationTrainer, Trainer, main
+
+    trainer = {"train_net_T.py": Trainer, "train_net_S.py": DistillationTrainer}[script]
+    main(trainer, [str(a) for a in args])
+
+
 def final_ap(log):
     """The numbers of the last 'copypaste:' line that Detectron2 prints after evaluating."""
     rows = re.findall(r"copypaste: ([-0-9.,na]+)$", log, flags=re.M)
     assert rows, log[-3000:]
     return rows[-1]
+
+
+def tool(name):
+    """The module of tools/<name>.py, loaded once (the tools are scripts, not a package)."""
+    module_name = f"tools_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name,
+                                                      os.path.join(REPO, "tools", f"{name}.py"))
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
 
 
 def run_tool(name, *args):

@@ -90,7 +90,7 @@ def test_converter_gives_width_half_its_slices_and_bn_index(cfg, tmp_path, norm)
 def test_converter_handles_resnet101_block_numbering(cfg, tmp_path):
     ckpt = _slimmable_checkpoint(BLOCKS_PER_STAGE[101])
     resnet = _resnet(cfg, 0.25, depth=101)
-    load_slimmable_resnet(resnet, _save(ckpt, tmp_path), 0.25, WIDTHS, BLOCKS_PER_STAGE[101])
+    load_slimmable_resnet(resnet, _save(ckpt, tmp_path), 0.25, WIDTHS)
     # res5 starts at feature 1 + 3 + 4 + 23 = 31.
     assert torch.equal(resnet.res5[0].conv1.weight,
                        ckpt["model"]["module.features.31.body.0.weight"][:128, :256])
@@ -107,7 +107,7 @@ def test_converter_names_a_missing_key(cfg, tmp_path):
     del ckpt["model"]["module.features.5.body.3.weight"]
     resnet = _resnet(cfg, 0.25)
     with pytest.raises(KeyError, match=r"module\.features\.5\.body\.3\.weight.*res3\.1\.conv2"):
-        load_slimmable_resnet(resnet, _save(ckpt, tmp_path), 0.25, WIDTHS, BLOCKS_PER_STAGE[50])
+        load_slimmable_resnet(resnet, _save(ckpt, tmp_path), 0.25, WIDTHS)
 
 
 def test_converter_names_a_misshaped_key(cfg, tmp_path):
@@ -115,7 +115,7 @@ def test_converter_names_a_misshaped_key(cfg, tmp_path):
     ckpt["model"]["module.features.2.body.4.bn.0.weight"] = torch.ones(5)
     resnet = _resnet(cfg, 0.25)
     with pytest.raises(ValueError, match=r"features\.2\.body\.4\.bn\.0\.weight.*\(5,\).*\(16,\)"):
-        load_slimmable_resnet(resnet, _save(ckpt, tmp_path), 0.25, WIDTHS, BLOCKS_PER_STAGE[50])
+        load_slimmable_resnet(resnet, _save(ckpt, tmp_path), 0.25, WIDTHS)
 
 
 def test_unknown_width_and_depth_are_refused(cfg):

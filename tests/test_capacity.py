@@ -1,7 +1,7 @@
 """MSAD's capacity column, counted with fvcore on our ResNet, against the paper."""
 import pytest
 
-from measure_capacity import PAPER_CAPACITY, capacity_table
+from msad.benchmark.cost import PAPER_CAPACITY, capacity_table
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import demo
-from helpers import REPO, edit_json, small_dataset, train_net
+from helpers import REPO, edit_json, small_dataset, tool, train_net
 from msad.checkpoint.model_info import MODEL_INFO
 from msad.data.synthetic import CLASSES
 from msad.export.predictor import Predictor
+
+demo = tool("demo")
 
 ALL_DETECTIONS = ["MODEL.FCOS.SCORE_THRESH_TEST", "0.0"]  # an untrained model scores low
 

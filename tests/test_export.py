@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 import msad_runtime
 from helpers import REPO, quickstart_cfg, run_tool, torchvision_opts, train_net
-from export_model import CHECK_SHAPE, TRACE_SHAPE, synthetic_image
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
-from msad.export.exporter import (ExportedPredictor, check_format, eager_raw, export,
-                                  predictor_for_export)
+from msad.export.exporter import (CHECK_SHAPE, TRACE_SHAPE, ExportedPredictor, check_format,
+                                  eager_raw, export, predictor_for_export, synthetic_image)
 from msad.modeling.resample import resize_by_convolution
 
 DETECTORS = ("hr_baseline", "lr_baseline", "teacher", "student", "student_light", "bicubic_4x",

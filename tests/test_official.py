@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import msad.checkpoint.official as official
 from helpers import REPO, final_ap, quickstart_cfg, run_tool, train_net
-from msad.checkpoint.official import WIDTH_LIST, convert
+from msad.checkpoint.official import convert
+from msad.config import OFFICIAL_WIDTH_LIST
 from msad.config import load_config
 
 # ResNet-50 at width 1: (bottleneck channels, output channels, blocks) of res2..res5.
@@ -18,9 +19,9 @@ HEAD_CONVS = (0, 3, 6, 9)  # tower positions of the convolutions; GroupNorm foll
 
 
 def batchnorm_sets(prefix, channels, g):
-    """A SwitchableBatchNorm2d's sets bn.0..bn.3, one per width of WIDTH_LIST."""
+    """A SwitchableBatchNorm2d's sets bn.0..bn.3, one per width of OFFICIAL_WIDTH_LIST."""
     out = {}
-    for i, w in enumerate(WIDTH_LIST):
+    for i, w in enumerate(OFFICIAL_WIDTH_LIST):
         c = int(channels * w)
         out.update({f"{prefix}.bn.{i}.weight": 1 + 0.1 * torch.randn(c, generator=g),
                     f"{prefix}.bn.{i}.bias": 0.1 * torch.randn(c, generator=g),
@@ -125,7 +126,7 @@ def official_conv(x, sd, key, out, stride=1, padding=0):
 
 
 def official_stem(x, sd, prefix, width):
-    index, c = WIDTH_LIST.index(width), int(64 * width)
+    index, c = OFFICIAL_WIDTH_LIST.index(width), int(64 * width)
     y = official_conv(x, sd, f"{prefix}backbone.bottom_up.features.0.0.weight", c, 2, 3)
     y = F.relu(official_bn(y, sd, f"{prefix}backbone.bottom_up.features.0.1", index))
     return F.max_pool2d(y, 3, 2, 1)
@@ -133,7 +134,7 @@ def official_stem(x, sd, prefix, width):
 
 def official_block(x, sd, prefix, k, mid, out, stride, width):
     """Block k: 1x1 -> 3x3 (the stride) -> 1x1, with a projection shortcut."""
-    index, base = WIDTH_LIST.index(width), f"{prefix}backbone.bottom_up.features.{k}"
+    index, base = OFFICIAL_WIDTH_LIST.index(width), f"{prefix}backbone.bottom_up.features.{k}"
     y = x
     for position, (channels, s, pad) in zip((0, 3, 6), ((mid, 1, 0), (mid, stride, 1),
                                                          (out, 1, 0))):
@@ -180,7 +181,7 @@ def close(a, b):
 
 
 # ---- tests ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("width", WIDTH_LIST)
+@pytest.mark.parametrize("width", OFFICIAL_WIDTH_LIST)
 @pytest.mark.parametrize("role", ["teacher", "student"])
 def test_conversion_gives_every_parameter_and_reports_the_rest(role, width):
     checkpoint = official_checkpoint(role, width)
@@ -224,7 +225,7 @@ def test_backbone_outputs_equal_the_official_slices(role, width):
 
 def test_a_wrong_batchnorm_set_is_refused(monkeypatch):
     # Width 0.5 read as if it were the first width of the list: bn.0 has a quarter's channels.
-    monkeypatch.setattr(official, "WIDTH_LIST", (0.5, 0.25, 0.75, 1.0))
+    monkeypatch.setattr(official, "OFFICIAL_WIDTH_LIST", (0.5, 0.25, 0.75, 1.0))
     checkpoint = official_checkpoint("teacher", 0.5)
     with pytest.raises(ValueError, match=r"bn\.0\.weight' has shape \(16,\)"):
         convert(checkpoint["model"], "teacher", 0.5, our_model("teacher", 0.5).state_dict())

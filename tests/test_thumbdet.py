@@ -209,7 +209,7 @@ def test_bicubic_baseline_is_the_single_scale_fcos_on_the_bicubic_thumbnail():
 
 
 def test_thumbnail_picture_shows_three_equal_panels(untrained_teachers, tmp_path):
-    from thumbnails import write_comparisons
+    from msad.benchmark.pictures import write_comparisons
 
     import cv2
     from detectron2.data import DatasetCatalog

@@ -33,24 +33,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
+import cv2
+import numpy as np
 import torch
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-import msad  # noqa: E402,F401
-import msad_runtime  # noqa: E402
+import msad  # noqa: F401  (first: it registers the bundled data and quiets upstream notices)
+import msad_runtime
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
-from msad.config import NO_IMAGENET_START, load_config  # noqa: E402
+from msad.config import NO_IMAGENET_START, REPO, load_config
 from msad.export.exporter import export, predictor_for_export
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime", "openvino")

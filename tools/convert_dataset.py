@@ -17,8 +17,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from msad.data.label_formats import read_class_names, voc_to_coco, yolo_to_coco
 from msad.utils.io import write_atomically
 

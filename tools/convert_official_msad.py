@@ -18,22 +18,17 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 import torch
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.catalog import Metadata  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
+import msad  # noqa: F401  (first: it registers the bundled data and quiets upstream notices)
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.modeling import build_model
 from msad.checkpoint.model_info import MODEL_INFO, write_model_info
-from msad.checkpoint.official import (ROLES, WIDTH_LIST, checkpoint_num_classes, checkpoint_role,
-                                      checkpoint_width, convert, read_checkpoint)
-from msad.config import TRAINING_CONFIG, load_config  # noqa: E402
+from msad.checkpoint.official import (ROLES, checkpoint_num_classes, convert, official_config,
+                                      read_official)
+from msad.config import OFFICIAL_WIDTH_LIST, TRAINING_CONFIG, load_config
 from msad.utils.io import write_atomically
 
 COCO_CLASSES = 80
@@ -42,11 +37,6 @@ logger = logging.getLogger("convert_official_msad")
 EXAMPLES = ("backbone.bottom_up.stem.conv1.weight", "backbone.bottom_up.stem.conv1.norm.weight",
             "backbone.fpn_lateral2.weight", "head.cls_subnet.0.weight", "head.cls_score.weight",
             "head.scales", "fusion.0.fc1.weight")
-
-
-def default_config(role, width):
-    name = f"SLR{round(width * 100):03d}-50-{role[0].upper()}.yaml"
-    return os.path.join(REPO, "configs", "MSAD", "official", name)
 
 
 def class_names(num_classes):
@@ -58,7 +48,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="an official TFCOS (teacher) or SFCOS (student) file")
     parser.add_argument("--role", required=True, choices=ROLES)
-    parser.add_argument("--width", required=True, type=float, choices=WIDTH_LIST)
+    parser.add_argument("--width", required=True, type=float, choices=OFFICIAL_WIDTH_LIST)
     parser.add_argument("-o", "--output", required=True, help="the converted weights (.pth)")
     parser.add_argument("--config", help="the config to build the model from (default: "
                         "configs/MSAD/official/SLR<width>-50-<T|S>.yaml)")
@@ -70,18 +60,10 @@ def main(argv=None):
                      os.path.join(folder, MODEL_INFO)):
             if os.path.exists(path):
                 raise FileExistsError(f"{path} exists: give -o a file in a folder of its own")
-        state = read_checkpoint(args.checkpoint)
-        found = checkpoint_role(state, args.checkpoint)
-        if args.role == "student" and found == "teacher":
-            raise ValueError(f"{args.checkpoint} is an official teacher (TFCOS: T_* keys only): "
-                             "it holds no student; convert it with --role teacher")
-        width = checkpoint_width(state, args.role, args.checkpoint)
-        if width != args.width:
-            key = f"{'TS'[args.role == 'student']}_backbone.fpn_lateral2.weight"
-            raise ValueError(f"--width {args.width}: {args.checkpoint} is a width-{width} model "
-                             f"({key} has shape {tuple(state[key].shape)})")
+        state, found = read_official(args.checkpoint, args.role, args.width)
+        width = args.width
         num_classes = checkpoint_num_classes(state, args.role)
-        config = args.config or default_config(args.role, width)
+        config = args.config or official_config(args.role, width)
         cfg = load_config(config, ["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", num_classes,
                                    "MODEL.WEIGHTS", os.path.abspath(args.output),
                                    "OUTPUT_DIR", folder])

@@ -31,22 +31,18 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import cv2
 import numpy as np
 import tqdm
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import msad_runtime  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
-from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
-
-from msad.checkpoint.model_info import dataset_id_list
+import msad  # noqa: F401  (first: it registers the bundled data and quiets upstream notices)
+import msad_runtime
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import Visualizer
+from msad.data.coco import coco_results
 from msad.data.label_formats import IMAGE_EXTENSIONS
 from msad.export.exporter import ExportedPredictor, is_export
 from msad.export.predictor import Predictor
@@ -200,20 +196,6 @@ def enlarged(image, instances, scale):
     boxes = Boxes(instances.pred_boxes.tensor * scale)
     return image, Instances(image.shape[:2], pred_boxes=boxes, scores=instances.scores,
                             pred_classes=instances.pred_classes)
-
-
-def coco_results(instances, metadata, **where):
-    """COCO-results entries of `instances`: box [x, y, w, h] in the input's pixels; category_id
-    is the dataset's id when the model knows it, else the class index."""
-    dataset_ids = dataset_id_list(metadata)
-    entries = []
-    for (x0, y0, x1, y1), score, cls in zip(instances.pred_boxes.tensor.tolist(),
-                                            instances.scores.tolist(),
-                                            instances.pred_classes.tolist()):
-        entries.append({**where, "category_id": dataset_ids[cls] if dataset_ids else cls,
-                        "category_name": metadata.thing_classes[cls],
-                        "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
-    return entries
 
 
 def latency_summary(latencies, count, seconds, unit):

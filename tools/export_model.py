@@ -16,30 +16,14 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 import cv2
-import numpy as np
 
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import msad_runtime  # noqa: E402
-from msad.data.synthetic import make_image
-from msad.export.exporter import (DEFAULT_OPSET, MODEL_FILES, agrees, check_format,
-                                  check_output_folder, compare, export, predictor_for_export)
+import msad_runtime
+from msad.export.exporter import (CHECK_SHAPE, DEFAULT_OPSET, MODEL_FILES, TRACE_SHAPE, agrees,
+                                  check_format, check_output_folder, compare, export,
+                                  predictor_for_export, synthetic_image)
 from msad.modeling.alignment import INPUT_SCALES
-
-# The trace and check images' shapes (H, W): landscape and portrait, so that after the test
-# resize the check runs the graph at another size than it was traced at.
-TRACE_SHAPE, CHECK_SHAPE = (480, 640), (600, 400)
-
-
-def synthetic_image(seed, shape):
-    """A bundled-data-like scene (shapes on a textured background), resized to `shape`."""
-    image, _ = make_image(np.random.default_rng(seed), seed)
-    return cv2.resize(image, shape[::-1], interpolation=cv2.INTER_LINEAR)
-
 
 def read(path, what):
     image = cv2.imread(path)

@@ -19,11 +19,10 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from ..config import REPO, load_config
 from ..utils.io import write_atomically
 from .paired import paired_difference, verdict
 from .pipeline import fmt, progress_of, schedule_overrides
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Model(NamedTuple):
@@ -176,8 +175,6 @@ def job_overrides(job: Job, protocol_opts, iters: Optional[int]):
     when 0, times the model's ``iter_scale``), its seed, output and weights."""
     opts = list(protocol_opts)
     if not iters and job.model.iter_scale != 1:
-        from ..config import load_config
-
         iters = load_config(os.path.join(REPO, job.model.config), opts).SOLVER.MAX_ITER
     if iters:
         opts += schedule_overrides(iters * job.model.iter_scale)

@@ -148,6 +148,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         self._path = path
         return super().load(path, *args, **kwargs)
 
+    # _load_file, _torch_load and _load_model are private to fvcore's Checkpointer and
+    # Detectron2's DetectionCheckpointer, and are how Detectron2 itself extends loading: no
+    # public hook reads a file or checks what it loads.  Checked against fvcore
+    # 0.1.5.post20221221 and Detectron2 0.7.2; tests/test_upstream.py fails when they change.
     def _load_file(self, filename):
         # Detectron2 reads .pkl and .pyth with pickle / plain torch.load: here without code.
         if filename.endswith(".pkl"):

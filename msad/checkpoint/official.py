@@ -3,7 +3,7 @@
 An official checkpoint is Detectron2's ``{"model": state_dict, ...}`` of one module holding
 everything its training used: the teacher (TFCOS) has ``T_backbone.*`` (the slimmable ResNet-50
 ``bottom_up.features.*`` with full-width convolutions and one BatchNorm set per width of
-``WIDTH_LIST``, Detectron2's FPN and P6/P7 from C5 built for its width), ``T_fcos_head.*`` (GroupNorm
+``msad.config.OFFICIAL_WIDTH_LIST``, Detectron2's FPN and P6/P7 from C5 built for its width), ``T_fcos_head.*`` (GroupNorm
 towers ``cls_tower``/``bbox_tower``, ``cls_logits``, ``bbox_pred`` and ``ctrness`` without
 biases, one ``scales.<l>.scale`` per level) and ``SE.fc.{0,2}.weight``, the one crossing-level
 fusion all five levels share.  The student (SFCOS) adds ``S_backbone.*`` and ``S_fcos_head.*``
@@ -12,15 +12,15 @@ beside a copy of its teacher.  ``convert`` maps one of them onto ``MultiScaleTea
 (``msad/checkpoint/slimmable.py``), FPN as it is, towers renamed, the per-level scales stacked, the shared
 fusion copied to each level, and zeros for the two biases the official head does not have.
 """
+import os
 from typing import Dict, List, NamedTuple
 
 import torch
 
+from ..config import OFFICIAL_WIDTH_LIST, REPO
 from .detection_checkpoint import load_state_dict_file
-from .slimmable import convert_slimmable_state_dict, slimmable_key_map
+from .slimmable import convert_slimmable_state_dict, resnet_blocks_per_stage, slimmable_key_map
 
-WIDTH_LIST = (0.25, 0.5, 0.75, 1.0)  # the official WIDTH_MULT_LIST: BatchNorm set i is width i
-BLOCKS_PER_STAGE = (3, 4, 6, 3)  # ResNet-50
 ROLES = ("teacher", "student")
 # The official module each role's parameters are under.
 PREFIX = {"teacher": "T_", "student": "S_"}
@@ -62,9 +62,9 @@ def checkpoint_width(state, role, path):
     if key not in state:
         raise ValueError(f"{path}: no {key}, which every official MSAD checkpoint has")
     width = state[key].shape[1] / RES2_CHANNELS
-    if width not in WIDTH_LIST:
+    if width not in OFFICIAL_WIDTH_LIST:
         raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}: {width} x 256 input "
-                         f"channels is none of the official widths {list(WIDTH_LIST)}")
+                         f"channels is none of the official widths {list(OFFICIAL_WIDTH_LIST)}")
     return width
 
 
@@ -72,11 +72,34 @@ def checkpoint_num_classes(state, role):
     return state[f"{PREFIX[role]}fcos_head.cls_logits.weight"].shape[0]
 
 
+def read_official(path, role, width):
+    """The state_dict of the official file `path`, checked to hold a `role` model of `width`;
+    and the role of the file itself (a student's file also holds its teacher)."""
+    state = read_checkpoint(path)
+    found = checkpoint_role(state, path)
+    if role == "student" and found == "teacher":
+        raise ValueError(f"{path} is an official teacher (TFCOS: T_* keys only): it holds no "
+                         "student; convert it with --role teacher")
+    found_width = checkpoint_width(state, role, path)
+    if found_width != width:
+        key = f"{PREFIX[role]}backbone.fpn_lateral2.weight"
+        raise ValueError(f"--width {width}: {path} is a width-{found_width} model ({key} has "
+                         f"shape {tuple(state[key].shape)})")
+    return state, found
+
+
+def official_config(role, width):
+    """The bundled config of the official `role` model at `width`
+    (configs/MSAD/official/SLR<width>-50-<T|S>.yaml)."""
+    name = f"SLR{round(width * 100):03d}-50-{role[0].upper()}.yaml"
+    return os.path.join(REPO, "configs", "MSAD", "official", name)
+
+
 def convert(state, role, width, target: Dict[str, torch.Tensor]) -> Conversion:
     """Map the official `state` (its `role`'s parameters, at `width`) onto `target`, the
     state_dict of our model (keys and shapes); raise naming the keys if anything does not fit."""
     pre = PREFIX[role]
-    bn_index = WIDTH_LIST.index(width)
+    bn_index = OFFICIAL_WIDTH_LIST.index(width)
     out, mapped, filled = {}, {}, {}
 
     def put(ours, official, tensor=None):
@@ -93,9 +116,10 @@ def convert(state, role, width, target: Dict[str, torch.Tensor]) -> Conversion:
     resnet = {k.removeprefix("backbone.bottom_up."): v for k, v in target.items()
               if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
     bottom_up = f"{pre}backbone.bottom_up."
-    sources = {dst: (src, kind) for src, dst, kind in slimmable_key_map(BLOCKS_PER_STAGE)}
-    for key, tensor in convert_slimmable_state_dict(state, width, WIDTH_LIST, BLOCKS_PER_STAGE,
-                                                    resnet, prefix=bottom_up).items():
+    sources = {dst: (src, kind)
+               for src, dst, kind in slimmable_key_map(resnet_blocks_per_stage(resnet))}
+    for key, tensor in convert_slimmable_state_dict(state, width, OFFICIAL_WIDTH_LIST, resnet,
+                                                    prefix=bottom_up).items():
         module, field = key.rsplit(".", 1)
         src, kind = sources[module]
         out[f"backbone.bottom_up.{key}"] = tensor

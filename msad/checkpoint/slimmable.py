@@ -35,8 +35,18 @@ def slimmable_key_map(blocks_per_stage):
             k += 1
 
 
-def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, target,
-                                 prefix="module."):
+def resnet_blocks_per_stage(resnet_state):
+    """Blocks of each stage (res2, res3, ...) of a Detectron2 ResNet, read from the keys of its
+    state_dict (``res<s>.<block>.*``)."""
+    blocks = {}
+    for key in resnet_state:
+        stage, _, rest = key.partition(".")
+        if stage.startswith("res"):
+            blocks[stage] = max(blocks.get(stage, 0), int(rest.split(".", 1)[0]) + 1)
+    return tuple(blocks[f"res{s}"] for s in range(2, 2 + len(blocks)))
+
+
+def convert_slimmable_state_dict(state, width, width_list, target, prefix="module."):
     """Slice the checkpoint's tensors for `width` into the keys and shapes of `target`.
 
     `target` is the ResNet's state_dict (its shapes are what the slices must match); the
@@ -48,7 +58,7 @@ def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, tar
     bn_index = list(width_list).index(width)
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
     out = {}
-    for src, dst, kind in slimmable_key_map(blocks_per_stage):
+    for src, dst, kind in slimmable_key_map(resnet_blocks_per_stage(target)):
         fields = [("weight", "weight")] if kind == "conv" else [
             (f"bn.{bn_index}.{f}", f) for f in _BN_FIELDS]
         for src_field, dst_field in fields:
@@ -71,11 +81,11 @@ def convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, tar
     return out
 
 
-def load_slimmable_resnet(resnet, path, width, width_list, blocks_per_stage):
+def load_slimmable_resnet(resnet, path, width, width_list):
     """Initialise a Detectron2 ResNet (width `width`) from a slimmable ImageNet checkpoint."""
     state = load_state_dict_file(path, "MODEL.SLIMMABLE.PRETRAINED")
     target = {k: v for k, v in resnet.state_dict().items() if not k.endswith("num_batches_tracked")}
-    converted = convert_slimmable_state_dict(state, width, width_list, blocks_per_stage, target)
+    converted = convert_slimmable_state_dict(state, width, width_list, target)
     missing = sorted(set(target) - set(converted))
     if missing:
         raise KeyError(f"{path}: the checkpoint gives no value for {missing[:5]}")

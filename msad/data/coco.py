@@ -1,10 +1,13 @@
 """COCO-format instance files registered with Detectron2, their errors naming the file:
-the bundled splits and every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
+the bundled splits and every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``;
+and detections written as COCO results."""
 import json
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+
+from ..checkpoint.model_info import dataset_id_list
 
 
 def load_coco_checked(json_file, image_root, name):
@@ -51,3 +54,17 @@ def register_coco_from_config(cfg):
         name, json_file, image_root = check_coco_instances_entry(entry)
         if name not in DatasetCatalog.list():
             register_coco_checked(name, json_file, image_root)
+
+
+def coco_results(instances, metadata, **where):
+    """COCO-results entries of `instances`: box [x, y, w, h] in the input's pixels; category_id
+    is the dataset's id when the model knows it, else the class index."""
+    dataset_ids = dataset_id_list(metadata)
+    entries = []
+    for (x0, y0, x1, y1), score, cls in zip(instances.pred_boxes.tensor.tolist(),
+                                            instances.scores.tolist(),
+                                            instances.pred_classes.tolist()):
+        entries.append({**where, "category_id": dataset_ids[cls] if dataset_ids else cls,
+                        "category_name": metadata.thing_classes[cls],
+                        "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    return entries

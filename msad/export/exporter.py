@@ -17,6 +17,7 @@ import logging
 import os
 import warnings
 
+import cv2
 import numpy as np
 import torch
 from detectron2.data.catalog import Metadata
@@ -27,6 +28,7 @@ import msad_runtime
 
 from ..checkpoint.model_info import dataset_id_list, dataset_id_mapping
 from ..config import inference_sizes, load_config
+from ..data.synthetic import make_image
 from ..utils.io import write_atomically
 from .predictor import Predictor
 
@@ -52,7 +54,8 @@ DECODING_RULE = (
 
 
 def max_opset():
-    # Private, but the only place torch says which opsets its TorchScript-based exporter writes.
+    # Private, but the only place torch says which opsets its TorchScript-based exporter writes
+    # (checked against torch 2.14.1; tests/test_upstream.py fails when it goes).
     from torch.onnx import _constants
 
     return _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -251,3 +254,14 @@ class ExportedPredictor:
         return Instances(image.shape[:2], pred_boxes=Boxes(torch.from_numpy(found.boxes)),
                          scores=torch.from_numpy(found.scores),
                          pred_classes=torch.from_numpy(found.classes))
+
+
+# The trace and check images' shapes (H, W): landscape and portrait, so that after the test
+# resize the check runs the graph at another size than it was traced at.
+TRACE_SHAPE, CHECK_SHAPE = (480, 640), (600, 400)
+
+
+def synthetic_image(seed, shape):
+    """A bundled-data-like scene (shapes on a textured background), resized to `shape`."""
+    image, _ = make_image(np.random.default_rng(seed), seed)
+    return cv2.resize(image, shape[::-1], interpolation=cv2.INTER_LINEAR)

@@ -50,7 +50,7 @@ def build_slimmable_resnet(cfg, input_shape):
     resnet = ResNet(stem, stages, out_features=out_features)
     if cfg.MODEL.SLIMMABLE.PRETRAINED:
         load_slimmable_resnet(resnet, cfg.MODEL.SLIMMABLE.PRETRAINED, width,
-                              cfg.MODEL.SLIMMABLE.WIDTH_LIST, BLOCKS_PER_STAGE[depth])
+                              cfg.MODEL.SLIMMABLE.WIDTH_LIST)
     # Freezing after loading, so that FrozenBN layers receive the checkpoint's statistics.
     return resnet.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 

@@ -23,6 +23,7 @@ from detectron2.config import configurable
 from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, ImageList
 from detectron2.utils import comm
@@ -262,8 +263,7 @@ class AlignedFCOS(FCOS):
 
     def branch_losses(self, predictions, anchors, gt_labels, gt_boxes, prefix, weight=1.0):
         """FCOS losses of one branch, named loss_{prefix}_{cls,loc,ctr}."""
-        logits, deltas, ctrness = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4, 1])
+        logits, deltas, ctrness = self.per_location(predictions)
         losses = self.losses(anchors, logits, gt_labels, deltas, gt_boxes, ctrness)
         return {k.replace("loss_fcos", f"loss_{prefix}"): v * weight for k, v in losses.items()}
 
@@ -287,8 +287,15 @@ class AlignedFCOS(FCOS):
         losses["loss_fcos_loc"] = (giou * weights).sum() / max(total, 1e-6)
         return losses
 
+    def per_location(self, predictions):
+        """The head's (logits, box deltas, centerness) maps of each level, (N, K, H, W), as
+        (N, H*W, K): one row per location, as Detectron2's losses and decoding take them."""
+        return [[permute_to_N_HWA_K(x, k) for x in maps]
+                for maps, k in zip(predictions, (self.num_classes, 4, 1))]
+
     def _ema_update(self, name, value, initial_value, momentum=0.9):
-        # A private Detectron2 method, overridden because no public hook sets the normaliser.
+        # A private Detectron2 method (checked against Detectron2 0.7.2; tests/test_upstream.py
+        # fails when it changes), overridden because no public hook sets the normaliser.
         # Detectron2 normalises losses by an EMA of the positive count, updated at each call of
         # `losses`.  Branches of one step (HR, LR, fused) see the same targets, so they share
         # one normaliser: the EMA moves once per training iteration.  Across processes the
@@ -303,8 +310,7 @@ class AlignedFCOS(FCOS):
         return getattr(self, name) / comm.get_world_size()
 
     def forward_inference(self, images, features, predictions):
-        logits, deltas, ctrness = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4, 1])
+        logits, deltas, ctrness = self.per_location(predictions)
         anchors = self.anchor_generator(features)
         results = []
         for i, (h, w) in enumerate(images.image_sizes):
@@ -318,6 +324,8 @@ class AlignedFCOS(FCOS):
                 # Threshold on the class probability; zeroed ranks are dropped by decoding.
                 ranks.append(torch.where(prob > self.test_score_thresh, rank,
                                          torch.zeros_like(rank)))
+            # Private (checked against Detectron2 0.7.2; tests/test_upstream.py fails when it
+            # changes): Detectron2's per-level top-k and box decoding, reused.
             pred = self._decode_multi_level_predictions(
                 anchors, ranks, [d[i] for d in deltas], 0.0, self.test_topk_candidates,
                 image_size)
