@@ -1,10 +1,13 @@
 """What several test files share: paths, configs, inputs, and running the scripts and tools."""
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import traceback
 
 import torch
 from detectron2.modeling import build_model
@@ -61,6 +64,16 @@ def train_in_process(*args, script="train_net_T.py"):
     main(trainer, [str(a) for a in args])
 
 
+def train_net_here(*args, script="train_net_T.py"):
+    """train_in_process, reported as train_net reports the script's process: exit status 0, or
+    1 with the traceback (what the process prints last) as stderr; logs are not captured."""
+    try:
+        train_in_process(*args, script=script)
+    except Exception as e:
+        return subprocess.CompletedProcess(args, 1, "", "".join(traceback.format_exception(e)))
+    return subprocess.CompletedProcess(args, 0, "", "")
+
+
 def final_ap(log):
     """The numbers of the last 'copypaste:' line that Detectron2 prints after evaluating."""
     rows = re.findall(r"copypaste: ([-0-9.,na]+)$", log, flags=re.M)
@@ -77,6 +90,24 @@ def tool(name):
         sys.modules[module_name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[module_name])
     return sys.modules[module_name]
+
+
+def tool_here(name, *args):
+    """tools/<name>.py's main(argv) in this process, reported as run_tool reports the tool's
+    process: exit status, what it printed, and its error message or traceback last on stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            tool(name).main([str(a) for a in args])
+        except SystemExit as e:  # as Python exits: a message goes to stderr with status 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+        except Exception as e:
+            print("".join(traceback.format_exception(e)), file=sys.stderr)
+            code = 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def run_tool(name, *args):

@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from helpers import (QUICKSTART_TEACHER, RunsCode, detector_inputs, edit_json, quickstart_cfg,
-                     small_dataset, torchvision_opts, train_net)
+                     small_dataset, torchvision_opts, train_net, train_net_here)
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.data.coco import load_coco_checked
 from msad.data.input_checks import BadImageError, CheckedDatasetMapper, check_training_records
@@ -24,8 +24,10 @@ SHORT_RUN = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST
 
 
 def train_on(json_file, images, out, *opts, flags=(), script="train_net_T.py",
-             config=QUICKSTART_TEACHER):
-    return train_net("--config-file", config, *flags, "DATASETS.COCO_INSTANCES",
+             config=QUICKSTART_TEACHER, run=train_net_here):
+    """A short run on the one dataset `json_file`, `images`: in this process unless `run` is
+    train_net (the script's own process)."""
+    return run("--config-file", config, *flags, "DATASETS.COCO_INSTANCES",
                      f"[['bad_set', '{json_file}', '{images}']]", "DATASETS.TRAIN", "('bad_set',)",
                      *SHORT_RUN, *opts, "OUTPUT_DIR", out, script=script)
 
@@ -39,7 +41,8 @@ def failed_naming(proc, *names):
 # ---- dataset files ------------------------------------------------------------------------
 
 def test_missing_dataset_json_is_named_before_anything_is_written(tmp_path):
-    proc = train_on(tmp_path / "nope.json", tmp_path, tmp_path / "out")
+    """As the script's process: its exit status and its last lines."""
+    proc = train_on(tmp_path / "nope.json", tmp_path, tmp_path / "out", run=train_net)
     assert failed_naming(proc, "DATASETS.COCO_INSTANCES", tmp_path / "nope.json")
     assert not (tmp_path / "out").exists()
 
@@ -129,7 +132,7 @@ def test_bad_images_can_be_skipped_and_are_counted(tmp_path):
     edit_json(json_file, edit)
     proc = train_on(json_file, images, tmp_path / "out", "DATALOADER.BAD_IMAGES", "skip",
                     "SOLVER.MAX_ITER", "8", "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False",
-                    "INPUT.RANDOM_FLIP", "none")
+                    "INPUT.RANDOM_FLIP", "none", run=train_net)  # its log, as printed
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "Skipping 1 training images whose files do not exist" in log and "000002.jpg" in log
@@ -246,7 +249,7 @@ def test_odd_sizes_keep_the_hr_lr_alignment_exact(cfg):
      "MODEL.TORCHVISION.PRETRAINED: no such file no/mnv2.pth"),
 ])
 def test_bad_config_values_are_named_before_anything_is_written(tmp_path, opts, message):
-    proc = train_net("--config-file", QUICKSTART_TEACHER, *opts, "OUTPUT_DIR", tmp_path / "out")
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, *opts, "OUTPUT_DIR", tmp_path / "out")
     assert failed_naming(proc, message)
     assert not (tmp_path / "out").exists()
 
@@ -256,7 +259,7 @@ def test_bad_config_values_are_named_before_anything_is_written(tmp_path, opts, 
     (["MODEL.FCOS.INPUT_FACTOR", 3], "MODEL.FCOS.INPUT_FACTOR must be a power of two >= 1, got 3"),
 ])
 def test_bad_input_scale_values_are_named_before_training(tmp_path, opts, message):
-    proc = train_net("--config-file", QUICKSTART_TEACHER, *opts, "OUTPUT_DIR", tmp_path / "out")
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, *opts, "OUTPUT_DIR", tmp_path / "out")
     assert failed_naming(proc, message)
     assert not list((tmp_path / "out").glob("*.pth"))
 
@@ -264,7 +267,7 @@ def test_bad_input_scale_values_are_named_before_training(tmp_path, opts, messag
 def test_an_output_dir_that_cannot_be_written_is_named(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = train_net("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", blocker / "out")
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", blocker / "out")
     assert failed_naming(proc, f"OUTPUT_DIR={blocker / 'out'} is not a writable directory")
 
 
@@ -272,7 +275,7 @@ def test_an_output_dir_that_cannot_be_written_is_named(tmp_path):
 def test_a_read_only_output_dir_is_named(tmp_path):
     read_only = tmp_path / "ro"
     read_only.mkdir(mode=0o500)
-    proc = train_net("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", read_only)
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", read_only)
     assert failed_naming(proc, f"OUTPUT_DIR={read_only} is not a writable directory")
 
 
@@ -282,7 +285,7 @@ def test_a_fresh_run_into_an_earlier_runs_directory_is_refused(tmp_path, untrain
     shutil.copy(untrained_teachers / "teacher.pth", out / "model_final.pth")
     (out / "last_checkpoint").write_text("model_final.pth")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = train_net("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", out)
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, "OUTPUT_DIR", out)
     assert failed_naming(proc, f"OUTPUT_DIR={out} holds the checkpoints of an earlier run", "--resume")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -306,7 +309,7 @@ def test_a_resumed_run_that_meets_a_bad_image_leaves_its_checkpoints_alone(tmp_p
 def test_a_checkpoint_of_another_width_is_refused_for_model_weights(tmp_path):
     wide = build_model(quickstart_cfg("teacher", "MODEL.SLIMMABLE.WIDTH", 0.5))
     SafeCheckpointer(wide, str(tmp_path)).save("wide")
-    proc = train_net("--config-file", QUICKSTART_TEACHER, "--eval-only",
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, "--eval-only",
                      "MODEL.WEIGHTS", tmp_path / "wide.pth", "OUTPUT_DIR", tmp_path / "eval")
     assert failed_naming(proc, f"MODEL.WEIGHTS: {tmp_path / 'wide.pth'} does not fit this model",
                          "tensors of another shape")
@@ -338,7 +341,7 @@ def test_model_weights_that_would_run_code_are_refused(tmp_path, suffix):
     path = tmp_path / f"evil{suffix}"
     with open(path, "wb") as f:
         pickle.dump({"model": {"w": payload}, "__author__": "x"}, f)
-    proc = train_net("--config-file", QUICKSTART_TEACHER, "--eval-only", "MODEL.WEIGHTS", path,
+    proc = train_net_here("--config-file", QUICKSTART_TEACHER, "--eval-only", "MODEL.WEIGHTS", path,
                      "OUTPUT_DIR", tmp_path / "eval")
     assert failed_naming(proc, f"MODEL.WEIGHTS: cannot load {path} as a weights-only checkpoint")
     assert not payload.marker.exists()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import msad_runtime
-from helpers import REPO, quickstart_cfg, run_tool, torchvision_opts, train_net
+from helpers import REPO, quickstart_cfg, run_tool, tool_here, torchvision_opts, train_net
 from msad.checkpoint.detection_checkpoint import SafeCheckpointer
 from msad.export.exporter import (CHECK_SHAPE, TRACE_SHAPE, ExportedPredictor, check_format,
                                   eager_raw, export, predictor_for_export, synthetic_image)
@@ -192,12 +192,12 @@ def test_exported_predictor_and_demo_use_the_export(weights, tmp_path):
                                rtol=0, atol=TOLERANCE)
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "a.png"), image)
-    proc = run_tool("demo.py", "--weights", tmp_path / "out" / "model.onnx", "--input",
+    proc = tool_here("demo", "--weights", tmp_path / "out" / "model.onnx", "--input",
                     tmp_path / "in", "--output", tmp_path / "drawn", "--confidence-threshold", 0)
     assert proc.returncode == 0, proc.stderr[-2000:]
     listed = json.loads((tmp_path / "drawn" / "detections.json").read_text())
     assert len(listed) == len(instances) and (tmp_path / "drawn" / "a.png").is_file()
-    proc = run_tool("demo.py", "--weights", tmp_path / "out", "--config-file", config("student"),
+    proc = tool_here("demo", "--weights", tmp_path / "out", "--config-file", config("student"),
                     "--input", tmp_path / "in", "--output", tmp_path / "drawn2")
     assert proc.returncode != 0 and "drop --config-file" in proc.stderr
 
@@ -289,7 +289,7 @@ def test_runtime_command_line_prints_the_detections(weights, tmp_path):
 
 def test_export_tool_checks_and_refuses(weights, tmp_path):
     out = tmp_path / "x"
-    proc = run_tool("export_model.py", "--config-file", config("student"), "--weights",
+    proc = tool_here("export_model", "--config-file", config("student"), "--weights",
                     weights / "student" / "model_final.pth", "--format", "onnx", "--input-scale",
                     "low", "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -299,23 +299,23 @@ def test_export_tool_checks_and_refuses(weights, tmp_path):
         ((), "already holds model.onnx"),  # nothing overwritten
         (("--opset", 9), "--opset 9 is not supported"),
     ]:
-        proc = run_tool("export_model.py", "--config-file", config("student"), "--weights",
+        proc = tool_here("export_model", "--config-file", config("student"), "--weights",
                         weights / "student" / "model_final.pth", "--format", "onnx",
                         "--output", out, *args)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert (out / "model.onnx").read_bytes() == before
-    proc = run_tool("export_model.py", "--config-file", config("student"), "--weights",
+    proc = tool_here("export_model", "--config-file", config("student"), "--weights",
                     weights / "student" / "model_final.pth", "--format", "torchscript",
                     "--output", out)  # another format, the same folder: model.json is taken
     assert proc.returncode != 0 and "model.json" in proc.stderr
     assert not (out / "model.ts").exists() and (out / "model.onnx").read_bytes() == before
     # The teacher reads the full image and its half: it has no low-resolution-only path.
-    proc = run_tool("export_model.py", "--config-file", config("teacher"), "--weights",
+    proc = tool_here("export_model", "--config-file", config("teacher"), "--weights",
                     weights / "teacher" / "model_final.pth", "--format", "onnx",
                     "--input-scale", "low", "--output", tmp_path / "t")
     assert proc.returncode != 0 and "INPUT_SCALE 'low'" in proc.stderr
     # The teacher of a student from the student's weights: they do not hold it.
-    proc = run_tool("export_model.py", "--config-file", config("teacher"), "--weights",
+    proc = tool_here("export_model", "--config-file", config("teacher"), "--weights",
                     weights / "student" / "model_final.pth", "--format", "onnx",
                     "--output", tmp_path / "s")
     assert proc.returncode != 0 and "never holds its teacher" in proc.stderr, proc.stderr[-2000:]

@@ -1,14 +1,16 @@
 """Official MSAD checkpoints: made here in the official layout (every key name and shape of
 dvlab-research/MSAD's TFCOS and SFCOS, random values), converted, checked module by module against
 what the official layers compute from the official tensors, and evaluated with the trainers."""
+import json
 import os
 
+import cv2
 import pytest
 import torch
 import torch.nn.functional as F
 
 import msad.checkpoint.official as official
-from helpers import REPO, final_ap, quickstart_cfg, run_tool, train_net
+from helpers import REPO, final_ap, quickstart_cfg, run_tool, tool_here, train_net
 from msad.checkpoint.official import convert
 from msad.config import OFFICIAL_WIDTH_LIST
 from msad.config import load_config
@@ -295,7 +297,7 @@ def test_files_that_are_not_official_or_of_another_width_are_refused(tmp_path):
         ((teacher, "--role", "student", "--width", 0.5), "it holds no student"),
         ((tmp_path / "none.pth", "--role", "teacher", "--width", 0.5), "no such file"),
     ]:
-        proc = run_tool("convert_official_msad.py", *args, "-o", tmp_path / "out" / "w.pth")
+        proc = tool_here("convert_official_msad", *args, "-o", tmp_path / "out" / "w.pth")
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
@@ -303,25 +305,40 @@ def test_files_that_are_not_official_or_of_another_width_are_refused(tmp_path):
 @pytest.mark.slow
 def test_converted_teacher_and_student_evaluate_with_the_trainers(tmp_path):
     """Converted from official-layout files made here (5 classes, width 0.25), both evaluate on
-    the bundled val split with train_net_T.py / train_net_S.py --eval-only."""
-    for role, script in (("teacher", "train_net_T.py"), ("student", "train_net_S.py")):
+    the bundled val split with train_net_T.py / train_net_S.py --eval-only, detecting what the
+    converted model detects when msad.Predictor runs it (every score kept: random weights)."""
+    from detectron2.data import DatasetCatalog
+
+    from msad.export.predictor import Predictor
+
+    first = DatasetCatalog.get("msad_synth_val")[0]
+    for role, script, convert_with in (("teacher", "train_net_T.py", run_tool),
+                                       ("student", "train_net_S.py", tool_here)):
         path = tmp_path / f"official_{role}.pth"
         torch.save(official_checkpoint(role, 0.25), path)
         out = tmp_path / "converted" / role / "model_final.pth"
-        proc = run_tool("convert_official_msad.py", path, "--role", role, "--width", 0.25,
-                        "-o", out)
+        args = (path, "--role", role, "--width", 0.25, "-o", out)
+        proc = convert_with("convert_official_msad.py" if convert_with is run_tool
+                            else "convert_official_msad", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Left out" in proc.stdout and "Wrote" in proc.stdout
         assert (out.parent / "config.yaml").is_file() and (out.parent / "model_info.json").is_file()
-        proc = run_tool("convert_official_msad.py", path, "--role", role, "--width", 0.25,
-                        "-o", out)
+        proc = tool_here("convert_official_msad", *args)
         assert proc.returncode != 0 and "exists" in proc.stderr  # nothing overwritten
         config = os.path.join(REPO, "configs", "MSAD", "official", f"SLR025-50-{role[0].upper()}.yaml")
-        proc = train_net("--config-file", config, "--eval-only", "MODEL.WEIGHTS", out,
-                         "MODEL.FCOS.NUM_CLASSES", 5, "MODEL.DEVICE", "cpu", "DATASETS.TEST", "('msad_synth_val',)", "INPUT.MIN_SIZE_TEST", 0,
+        opts = ["MODEL.FCOS.NUM_CLASSES", 5, "MODEL.DEVICE", "cpu", "MODEL.FCOS.SCORE_THRESH_TEST",
+                0.0, "DATASETS.TEST", "('msad_synth_val',)", "INPUT.MIN_SIZE_TEST", 0]
+        proc = train_net("--config-file", config, "--eval-only", "MODEL.WEIGHTS", out, *opts,
                          "OUTPUT_DIR", tmp_path / f"eval_{role}", script=script)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert final_ap(proc.stdout + proc.stderr)
+        assert len(final_ap(proc.stdout + proc.stderr).split(",")) == 6
+        with open(tmp_path / f"eval_{role}" / "inference" / "coco_instances_results.json") as f:
+            evaluated = sorted((d["score"] for d in json.load(f) if d["image_id"] == first["image_id"]),
+                               reverse=True)
+        predictor = Predictor(load_config(config, [str(o) for o in opts]), str(out))
+        expected = predictor(cv2.imread(first["file_name"])).scores.tolist()
+        assert len(evaluated) == len(expected) > 10
+        assert evaluated == pytest.approx(sorted(expected, reverse=True), abs=1e-4)
 
 
 def test_topk_by_product_keeps_the_same_detections_and_scores():

@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from helpers import REPO, edit_json, quickstart_cfg, small_dataset, train_net
+from helpers import (REPO, edit_json, quickstart_cfg, small_dataset, tool_here, train_net,
+                     train_net_here)
 from msad.config import load_config
 
 SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST", "()",
@@ -31,44 +32,49 @@ def three_classes(tmp_path_factory):
             "DATASETS.TRAIN", "('three',)"]
 
 
-def test_a_student_is_distilled_from_the_teacher_as_it_was_trained(three_classes, tmp_path):
+@pytest.fixture(scope="module")
+def three_class_teacher(three_classes, tmp_path_factory):
+    """The quickstart teacher trained for two iterations on `three_classes` at width 0.5 (its
+    yaml says 5 classes and width 0.25): the weights and their training's config.yaml."""
+    out = tmp_path_factory.mktemp("teacher")
+    trained = train_net_here("--config-file", "configs/quickstart/teacher.yaml", *three_classes,
+                             "MODEL.FCOS.NUM_CLASSES", "3", "MODEL.SLIMMABLE.WIDTH", "0.5", *SHORT,
+                             "OUTPUT_DIR", out)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return out / "model_final.pth"
+
+
+def test_a_student_is_distilled_from_the_teacher_as_it_was_trained(three_classes,
+                                                                   three_class_teacher, tmp_path):
     """Overrides given to train the teacher (classes, width) reach the frozen teacher: it is
     rebuilt from the config.yaml its training wrote, not from its yaml alone."""
-    overrides = [*three_classes, "MODEL.FCOS.NUM_CLASSES", "3", "MODEL.SLIMMABLE.WIDTH", "0.5",
-                 *SHORT]
-    teacher = train_net("--config-file", "configs/quickstart/teacher.yaml", *overrides,
-                        "OUTPUT_DIR", tmp_path / "t")
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
-    student = train_net("--config-file", "configs/quickstart/student.yaml", *overrides,
-                        "MODEL.TEACHER.WEIGHTS", tmp_path / "t" / "model_final.pth",
+    student = train_net("--config-file", "configs/quickstart/student.yaml", *three_classes,
+                        "MODEL.FCOS.NUM_CLASSES", "3", "MODEL.SLIMMABLE.WIDTH", "0.5", *SHORT,
+                        "MODEL.TEACHER.WEIGHTS", three_class_teacher,
                         "OUTPUT_DIR", tmp_path / "s", script="train_net_S.py")
     assert student.returncode == 0, student.stderr[-3000:]
-    assert f"built from {tmp_path / 't' / 'config.yaml'}" in student.stdout + student.stderr
+    teacher_config_file = three_class_teacher.parent / "config.yaml"
+    assert f"built from {teacher_config_file}" in student.stdout + student.stderr
     with open(tmp_path / "s" / "config.yaml") as f:  # the student's run says which it used
-        assert yaml.safe_load(f)["MODEL"]["TEACHER"]["CONFIG_FILE"] == str(tmp_path / "t" / "config.yaml")
+        assert yaml.safe_load(f)["MODEL"]["TEACHER"]["CONFIG_FILE"] == str(teacher_config_file)
 
 
-def test_a_teacher_of_other_classes_is_refused_before_anything_is_written(three_classes, tmp_path):
-    teacher = train_net("--config-file", "configs/quickstart/teacher.yaml", *three_classes,
-                        "MODEL.FCOS.NUM_CLASSES", "3", *SHORT, "OUTPUT_DIR", tmp_path / "t")
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
-    student = train_net("--config-file", "configs/quickstart/student.yaml", *SHORT,
-                        "MODEL.TEACHER.WEIGHTS", tmp_path / "t" / "model_final.pth",
-                        "OUTPUT_DIR", tmp_path / "s", script="train_net_S.py")
+def test_a_teacher_of_other_classes_is_refused_before_anything_is_written(three_class_teacher,
+                                                                          tmp_path):
+    student = train_net_here("--config-file", "configs/quickstart/student.yaml", *SHORT,
+                             "MODEL.TEACHER.WEIGHTS", three_class_teacher,
+                             "OUTPUT_DIR", tmp_path / "s", script="train_net_S.py")
     assert student.returncode != 0
     assert "the teacher" in student.stderr and "detects 3 classes and the student 5" in student.stderr
     assert not (tmp_path / "s").exists()
 
 
-def test_a_teacher_config_named_on_the_command_line_is_used_and_checked(three_classes, tmp_path):
+def test_a_teacher_config_named_on_the_command_line_is_used_and_checked(three_class_teacher):
     """Naming another config is the user's choice; one that disagrees with what the weights were
     trained with (model_info.json) is refused by name."""
-    weights = tmp_path / "t" / "model_final.pth"
-    teacher = train_net("--config-file", "configs/quickstart/teacher.yaml", *three_classes,
-                        "MODEL.FCOS.NUM_CLASSES", "3", *SHORT, "OUTPUT_DIR", tmp_path / "t")
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    weights = three_class_teacher
     cfg = load_config(f"{REPO}/configs/quickstart/student.yaml", ["MODEL.TEACHER.WEIGHTS", str(weights)])
-    assert cfg.MODEL.TEACHER.CONFIG_FILE == str(tmp_path / "t" / "config.yaml")
+    assert cfg.MODEL.TEACHER.CONFIG_FILE == str(weights.parent / "config.yaml")
     named = f"{REPO}/configs/quickstart/hr_baseline.yaml"
     cfg = load_config(f"{REPO}/configs/quickstart/student.yaml",
                       ["MODEL.TEACHER.WEIGHTS", str(weights), "MODEL.TEACHER.CONFIG_FILE", named])
@@ -111,7 +117,7 @@ def test_it_runs_from_a_detectron2_checkout_with_the_project_in_projects(tmp_pat
 
 
 def test_more_categories_than_classes_fails_before_anything_is_written(three_classes, tmp_path):
-    proc = train_net("--config-file", "configs/quickstart/hr_baseline.yaml", *three_classes,
+    proc = train_net_here("--config-file", "configs/quickstart/hr_baseline.yaml", *three_classes,
                      "MODEL.FCOS.NUM_CLASSES", "2", *SHORT, "OUTPUT_DIR", tmp_path / "out")
     assert proc.returncode != 0
     assert "dataset three has 3 categories ['a', 'b', 'c'], and MODEL.FCOS.NUM_CLASSES is 2: " \
@@ -231,10 +237,8 @@ def test_one_command_from_yolo_folders_to_a_distilled_student(tmp_path):
 def test_the_one_command_names_labels_it_cannot_read(tmp_path):
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "readme.md").write_text("no labels here")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "quickstart.py"), "--train",
-         tmp_path / "labels", tmp_path, "--val", tmp_path / "labels", tmp_path,
-         "--output", tmp_path / "out"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = tool_here("quickstart", "--train", tmp_path / "labels", tmp_path, "--val",
+                     tmp_path / "labels", tmp_path, "--output", tmp_path / "out")
     assert proc.returncode == 1
     assert f"quickstart: {tmp_path / 'labels'}: neither a COCO .json file nor a folder of VOC " \
         ".xml or YOLO .txt labels" in proc.stderr

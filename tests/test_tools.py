@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import REPO, run_tool
+from helpers import REPO, run_tool, tool_here
 
 QUICK = [os.path.join(REPO, "configs", "quickstart", f"{n}.yaml")
          for n in ("hr_baseline", "student", "thumbdet_4x")]
@@ -38,7 +38,7 @@ def test_benchmark_on_cuda(tmp_path):
 def test_benchmark_runs_exported_models_beside_eager_on_the_same_input(tmp_path):
     out = tmp_path / "runtimes.json"
     student = os.path.join(REPO, "configs", "quickstart", "student.yaml")
-    proc = run_tool("benchmark.py", "--configs", f"{student}:low", "--runtimes", "onnxruntime",
+    proc = tool_here("benchmark", "--configs", f"{student}:low", "--runtimes", "onnxruntime",
                     "torchscript", "--size", 128, 160, "--runs", 2, "--warmup", 0, "--batch", 1,
                     "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,13 +47,13 @@ def test_benchmark_runs_exported_models_beside_eager_on_the_same_input(tmp_path)
     assert all(r["input"] == [64, 80] for r in rows)  # the half-size input, for every runtime
     assert all(r["latency_ms_p90"] >= r["latency_ms_median"] > 0 for r in rows)
     assert "vs eager" in proc.stdout and "onnxruntime" in proc.stdout
-    proc = run_tool("benchmark.py", "--configs", student, "--runtimes", "onnxruntime",
+    proc = tool_here("benchmark", "--configs", student, "--runtimes", "onnxruntime",
                     "--batch", 4)
     assert proc.returncode != 0 and "--batch 1" in proc.stderr
 
 
 def test_benchmark_names_a_missing_config():
-    proc = run_tool("benchmark.py", "--configs", "configs/none.yaml")
+    proc = tool_here("benchmark", "--configs", "configs/none.yaml")
     assert proc.returncode != 0 and "configs/none.yaml" in proc.stderr
 
 
@@ -78,9 +78,9 @@ def test_ap_vs_cost_picture_from_output_dirs(tmp_path):
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({"end_to_end": [
         {"model": "HR FCOS", "config": "configs/MSAD/HR-FCOS-R50.yaml", "total": 315.9}]}))
-    proc = run_tool("plot_ap_vs_cost.py", "--run", f"HR FCOS={run_dir}", "--costs", costs,
+    proc = tool_here("plot_ap_vs_cost", "--run", f"HR FCOS={run_dir}", "--costs", costs,
                     "--output", tmp_path / "plot")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "plot.png").exists()
-    proc = run_tool("plot_ap_vs_cost.py", "--run", f"Nope={run_dir}", "--costs", costs)
+    proc = tool_here("plot_ap_vs_cost", "--run", f"Nope={run_dir}", "--costs", costs)
     assert proc.returncode != 0 and "'Nope' is not a model" in proc.stderr

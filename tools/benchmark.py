@@ -208,7 +208,8 @@ def peak_memory_mb(device):
     return msad_runtime.peak_rss_mb()
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv  # forwarded to the measuring processes
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", help="config files; ratios are to the first")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -226,7 +227,7 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config
     parser.add_argument("--runtime", default="eager", help=argparse.SUPPRESS)  # ... with this
     parser.add_argument("--workdir", help=argparse.SUPPRESS)  # ... exporting here
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.one:
@@ -255,7 +256,7 @@ def main():
     print(f"{device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}; input "
           f"{args.size[0]}x{args.size[1]}, batch {args.batch}; flags: {', '.join(flags) or 'none'}",
           flush=True)
-    forwarded = [a for a in sys.argv[1:] if a not in args.configs + args.runtimes
+    forwarded = [a for a in argv if a not in args.configs + args.runtimes
                  and a not in ("--configs", "--runtimes")]
     runtimes = ["eager"] + exported
     jobs = [(spec, runtime) for spec in args.configs for runtime in runtimes]

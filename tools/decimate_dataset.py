@@ -26,14 +26,14 @@ def decimate(image, factor, resample):
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="COCO-format annotation file")
     parser.add_argument("--images", required=True, help="folder its file_names are relative to")
     parser.add_argument("--factor", type=int, required=True, choices=[2, 4])
     parser.add_argument("--resample", default="nearest", choices=["nearest", "area"])
     parser.add_argument("--output", required=True, help="folder to write (must not exist)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if os.path.exists(args.output):
         parser.error(f"--output {args.output} exists; choose a new folder")
     try:

@@ -108,11 +108,11 @@ def repack(wheel: Path, out_dir: Path) -> Path:
     return out
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=".cache/detectron2",
                         help="where the downloaded wheel is kept between runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if sys.version_info < (3, 10):
         fail(f"Python {sys.version.split()[0]} is too old: Detectron2 and msad need 3.10 or newer")
     spec = importlib.util.find_spec("detectron2")

@@ -30,7 +30,7 @@ def progress_printer(split):
     return report
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=dataset_root(), help="dataset root (default: %(default)s)")
     scenes = {scene.name: scene for scene in SCENES}
@@ -40,7 +40,7 @@ def main():
         parser.add_argument(f"--{spec.name}-images", type=int,
                             help=f"default: the scene's own ({spec.num_images} for {SCENES[0].name})")
         parser.add_argument(f"--{spec.name}-seed", type=int)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scene = scenes[args.scene]
     for spec in scene.splits:
         count, seed = getattr(args, f"{spec.name}_images"), getattr(args, f"{spec.name}_seed")

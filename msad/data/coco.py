@@ -49,11 +49,17 @@ def check_coco_instances_entry(entry):
 
 
 def register_coco_from_config(cfg):
-    """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``."""
+    """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``; a name
+    registered before (by an earlier config in this process) with other files is replaced."""
     for entry in cfg.DATASETS.COCO_INSTANCES:
         name, json_file, image_root = check_coco_instances_entry(entry)
-        if name not in DatasetCatalog.list():
-            register_coco_checked(name, json_file, image_root)
+        if name in DatasetCatalog.list():
+            metadata = MetadataCatalog.get(name)
+            if (metadata.get("json_file"), metadata.get("image_root")) == (json_file, image_root):
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_checked(name, json_file, image_root)
 
 
 def coco_results(instances, metadata, **where):
