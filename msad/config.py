@@ -218,9 +218,17 @@ NO_IMAGENET_START = [item for key in IMAGENET_START_KEYS.values() for item in (k
 TRAINING_CONFIG = "config.yaml"
 
 
+def check_choice(key, value, choices):
+    """`value` of the setting `key` (a config key, an option), refused unless one of
+    `choices`."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+    return value
+
+
 def load_config(config_file, opts=(), what="--config-file"):
     """Detectron2's config plus ours, merged from `config_file` and `opts` overrides; paths
-    resolved (CONFIG_RELATIVE_PATHS; the teacher's training config, see MODEL.TEACHER)."""
+    resolved (CONFIG_RELATIVE_PATHS)."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{what}: no such file {config_file}")
     cfg = get_cfg()
@@ -231,10 +239,6 @@ def load_config(config_file, opts=(), what="--config-file"):
     for key in CONFIG_RELATIVE_PATHS:
         if key not in overridden:
             _resolve_relative_to_config(cfg, key, config_file)
-    teacher = cfg.MODEL.TEACHER
-    trained = os.path.join(os.path.dirname(teacher.WEIGHTS), TRAINING_CONFIG)
-    if "MODEL.TEACHER.CONFIG_FILE" not in overridden and teacher.WEIGHTS and os.path.isfile(trained):
-        teacher.CONFIG_FILE = trained
     return cfg
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from helpers import quickstart_cfg
+from helpers import quickstart_cfg, run_tool
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,17 @@ def untrained_teachers(tmp_path_factory):
     for name in ("teacher", "hr_baseline"):
         SafeCheckpointer(build_model(quickstart_cfg(name)), str(out)).save(name)
     return out
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory):
+    """tools/quickstart.py, in its own process, on the bundled data with --seed 1, every stage
+    20 iterations: its output folder and its completed process."""
+    out = tmp_path_factory.mktemp("main_job")
+    proc = run_tool("quickstart.py", "--output", out, "--timing-images", 3, "--seed", 1,
+                    "SOLVER.MAX_ITER", 20)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from helpers import tool
 from msad.benchmark import compare
 from msad.benchmark.paired import paired_difference, t_quantile, verdict
 
@@ -247,9 +248,7 @@ def test_a_variant_is_its_base_with_its_own_overrides_sources_and_comparisons(tm
 
 
 def compare_main(*argv):
-    import compare_methods  # tools/, on the path through conftest
-
-    return compare_methods.main([str(a) for a in argv])
+    return tool("compare_methods").main([str(a) for a in argv])
 
 
 def test_the_tool_refuses_bad_arguments_before_writing(tmp_path, capsys):

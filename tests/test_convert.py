@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import convert_dataset
+from helpers import tool
 from msad.data.label_formats import voc_to_coco, yolo_to_coco
+
+convert_dataset = tool("convert_dataset")
 
 VOC_XML = """<annotation>
   <filename>{filename}</filename>

@@ -74,7 +74,7 @@ def test_evaluating_1000_images_keeps_memory_flat(tmp_path, capsys):
         [COCOEvaluator(name, output_dir=None, use_fast_impl=False), scored]))
     assert "bbox" in results and pipeline.seen == scored.seen == NUM_IMAGES
     per_image = scored.detections / NUM_IMAGES
-    assert per_image > 80  # close to the 100 kept at most: the bound below is not vacuous
+    assert per_image > 60  # most of the 100 kept at most: the bound below is not vacuous
 
     pipeline_growth = pipeline.rss[NUM_IMAGES] - pipeline.rss[100]
     scored_growth = scored.rss[NUM_IMAGES] - scored.rss[100]

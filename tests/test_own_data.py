@@ -72,18 +72,21 @@ def test_a_teacher_of_other_classes_is_refused_before_anything_is_written(three_
 def test_a_teacher_config_named_on_the_command_line_is_used_and_checked(three_class_teacher):
     """Naming another config is the user's choice; one that disagrees with what the weights were
     trained with (model_info.json) is refused by name."""
+    from msad.engine.teacher import resolve_teacher, use_trained_config
+
     weights = three_class_teacher
     cfg = load_config(f"{REPO}/configs/quickstart/student.yaml", ["MODEL.TEACHER.WEIGHTS", str(weights)])
+    use_trained_config(cfg, named=False)
     assert cfg.MODEL.TEACHER.CONFIG_FILE == str(weights.parent / "config.yaml")
     named = f"{REPO}/configs/quickstart/hr_baseline.yaml"
     cfg = load_config(f"{REPO}/configs/quickstart/student.yaml",
                       ["MODEL.TEACHER.WEIGHTS", str(weights), "MODEL.TEACHER.CONFIG_FILE", named])
+    use_trained_config(cfg, named=True)
     assert cfg.MODEL.TEACHER.CONFIG_FILE == named
-    from msad.engine.teacher import teacher_config
 
     with pytest.raises(ValueError, match="MODEL.META_ARCHITECTURE 'SingleScaleFCOS' "
                        r"\(trained with 'MultiScaleTeacher'\)"):
-        teacher_config(cfg)
+        resolve_teacher(cfg)
 
 
 def test_it_runs_from_a_detectron2_checkout_with_the_project_in_projects(tmp_path):

@@ -9,18 +9,15 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, quickstart_cfg, run_tool, tool, train_in_process
+from helpers import REPO, quickstart_cfg, tool, train_in_process
 from msad.benchmark.quickstart import STAGES, stage_opts, stages_to_train
 from msad.benchmark.report import format_table, summarise
 
 
 @pytest.mark.slow
-def test_the_main_job_runs_end_to_end_with_another_seed(tmp_path):
-    """tools/quickstart.py in its own process, every stage for 20 iterations: the table, the
-    summary, the pictures, each model where --seed puts it."""
-    proc = run_tool("quickstart.py", "--output", tmp_path, "--timing-images", 3, "--seed", 1,
-                    "SOLVER.MAX_ITER", 20)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_the_main_job_runs_end_to_end_with_another_seed(main_job):
+    """The table, the summary, the pictures, each model where --seed puts it."""
+    tmp_path, proc = main_job
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == [1]
     assert [r["name"] for r in summary["rows"]] == [stage.name for stage in STAGES]

@@ -7,8 +7,9 @@ import zipfile
 
 import pytest
 
-import install_detectron2 as inst
-from helpers import REPO
+from helpers import REPO, tool
+
+inst = tool("install_detectron2")
 
 
 def test_package_imports_and_registers():

@@ -19,7 +19,6 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.detection_checkpoint import SafeCheckpointer
-from ..checkpoint.model_info import read_model_info
 from ..config import IMAGENET_START_KEYS, load_config
 from ..data.coco import register_coco_from_config
 from ..data.input_checks import (CheckedDatasetMapper, check_bad_image_policy,
@@ -28,7 +27,7 @@ from ..modeling.backbone import check_width
 from ..modeling.distill import DistilledDetector
 from ..utils.env import has_compiled_ops, summary
 from .hooks import BestCheckpoint, IterationSchedule, LossNormalizerState, ModelInfoWriter, unwrap
-from .teacher import build_frozen_teacher, check_teacher_classes, teacher_config
+from .teacher import build_frozen_teacher, check_teacher, use_trained_config
 
 logger = logging.getLogger("msad")
 
@@ -195,16 +194,10 @@ class DistillationTrainer(Trainer):
             student.attach_teacher(self.teacher, bn_mode=cfg.MODEL.TEACHER.BN_MODE)
 
     @classmethod
-    def check_config(cls, cfg, args):
-        super().check_config(cfg, args)
-        if not args.eval_only and cls.builds_teacher(cfg):
-            teacher_config(cfg)  # its files and classes, before anything is written
-
-    @classmethod
     def check_data(cls, cfg, args):
         super().check_data(cfg, args)
         if not args.eval_only and cls.builds_teacher(cfg):
-            check_teacher_classes(read_model_info(cfg.MODEL.TEACHER.WEIGHTS)[1], cfg)
+            check_teacher(cfg)  # its files and classes, before anything is written
 
     @staticmethod
     def builds_teacher(cfg):
@@ -252,6 +245,7 @@ def check_num_classes(cfg, dataset):
 def setup(args, trainer_cls=Trainer):
     """Config from ``--config-file`` and overrides, checked, datasets registered, logging."""
     cfg = load_config(args.config_file, args.opts)
+    use_trained_config(cfg, named="MODEL.TEACHER.CONFIG_FILE" in args.opts[0::2])
     cfg.freeze()
     trainer_cls.check_config(cfg, args)
     register_coco_from_config(cfg)  # checks the files

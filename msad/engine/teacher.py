@@ -1,7 +1,15 @@
-"""The frozen teacher of a distilled detector: resolved from ``MODEL.TEACHER``, checked against
-its weights' model_info.json and the student's classes, built and loaded."""
+"""The frozen teacher of a distilled detector, from ``MODEL.TEACHER``: which config it is built
+from, checked against its weights' model_info.json and the student's classes, built and loaded.
+
+Its config is the ``config.yaml`` its training wrote beside ``MODEL.TEACHER.WEIGHTS`` (it holds
+every override the teacher was trained with: classes, width, ...), unless the command line names
+``MODEL.TEACHER.CONFIG_FILE``: that is the user's choice, checked against model_info.json.
+"""
 import logging
 import os
+from typing import NamedTuple, Optional
+
+from detectron2.config import CfgNode
 
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
@@ -14,9 +22,24 @@ from ..modeling.distill import freeze
 logger = logging.getLogger("msad")
 
 
-def teacher_config(cfg):
-    """The config of the teacher MODEL.TEACHER names, checked against the weights' own
-    model_info.json and against the student: the same classes."""
+def use_trained_config(cfg, named):
+    """Point MODEL.TEACHER.CONFIG_FILE of the (unfrozen) `cfg` at the config.yaml beside
+    MODEL.TEACHER.WEIGHTS, if there is one and the command line did not name a config
+    (`named`)."""
+    spec = cfg.MODEL.TEACHER
+    trained = os.path.join(os.path.dirname(spec.WEIGHTS), TRAINING_CONFIG)
+    if not named and spec.WEIGHTS and os.path.isfile(trained):
+        spec.CONFIG_FILE = trained
+
+
+class Teacher(NamedTuple):
+    cfg: CfgNode  # the config it is built from
+    info: Optional[dict]  # the model_info.json of its weights, if they have one
+
+
+def resolve_teacher(cfg):
+    """The teacher MODEL.TEACHER names: its config, checked against the weights' own
+    model_info.json and against the student (the same number of classes)."""
     spec = cfg.MODEL.TEACHER
     if not spec.WEIGHTS:
         raise ValueError("MODEL.TEACHER.WEIGHTS is empty: name the teacher's checkpoint")
@@ -36,11 +59,13 @@ def teacher_config(cfg):
             f"the teacher ({spec.CONFIG_FILE}) detects {teacher_classes} classes and the student "
             f"{classes} (MODEL.FCOS.NUM_CLASSES): a teacher must be trained on the student's "
             "classes")
-    return teacher_cfg
+    return Teacher(teacher_cfg, info)
 
 
-def check_teacher_classes(info, cfg):
-    """The teacher's class names (from its model_info.json) are the student's training data's."""
+def check_teacher(cfg):
+    """The teacher resolves (resolve_teacher), and its class names, when its model_info.json
+    has them, are those of the student's training data (registered by now)."""
+    info = resolve_teacher(cfg).info
     dataset = cfg.DATASETS.TRAIN[0]
     theirs, ours = info and info["thing_classes"], MetadataCatalog.get(dataset).get("thing_classes")
     if theirs and ours and list(theirs) != list(ours):
@@ -52,7 +77,7 @@ def check_teacher_classes(info, cfg):
 def build_frozen_teacher(cfg):
     """The teacher named by MODEL.TEACHER, with its weights, in eval mode, no gradients."""
     spec = cfg.MODEL.TEACHER
-    teacher_cfg = teacher_config(cfg)
+    teacher_cfg = resolve_teacher(cfg).cfg
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     teacher_cfg.merge_from_list(NO_IMAGENET_START)  # its trained weights follow
     teacher = build_model(teacher_cfg)

@@ -27,7 +27,7 @@ from detectron2.structures import Boxes, Instances
 import msad_runtime
 
 from ..checkpoint.model_info import dataset_id_list, dataset_id_mapping
-from ..config import inference_sizes, load_config
+from ..config import check_choice, inference_sizes, load_config
 from ..data.synthetic import make_image
 from ..utils.io import write_atomically
 from .predictor import Predictor
@@ -63,8 +63,7 @@ def max_opset():
 
 def check_format(fmt, opset):
     """Raise, naming what to change, if `fmt` cannot be written here with `opset`."""
-    if fmt not in MODEL_FILES:
-        raise ValueError(f"--format must be one of {list(MODEL_FILES)}, got {fmt!r}")
+    check_choice("--format", fmt, list(MODEL_FILES))
     if fmt != "onnx":
         return
     for package, use in (("onnx", "torch.onnx writes the file with it"),

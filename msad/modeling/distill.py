@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_choice
 from .fcos import AlignedFCOS
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,7 @@ TEACHER_BN_MODES = ("eval", "train")
 
 
 def check_kd_normalize(normalize):
-    if normalize not in KD_NORMALIZATIONS:
-        raise ValueError(f"MODEL.MSAD.KD_NORMALIZE must be one of {KD_NORMALIZATIONS}, "
-                         f"got {normalize!r}")
+    check_choice("MODEL.MSAD.KD_NORMALIZE", normalize, KD_NORMALIZATIONS)
 
 
 def standardize_channels(x: torch.Tensor, eps=1e-5) -> torch.Tensor:
@@ -128,9 +127,7 @@ class DistilledDetector:
         if teacher is self or not isinstance(teacher, AlignedFCOS):
             raise TypeError("the teacher must be a separate msad detector, got "
                             f"{type(teacher).__name__}")
-        if bn_mode not in TEACHER_BN_MODES:
-            raise ValueError(f"MODEL.TEACHER.BN_MODE must be one of {TEACHER_BN_MODES}, "
-                             f"got {bn_mode!r}")
+        check_choice("MODEL.TEACHER.BN_MODE", bn_mode, TEACHER_BN_MODES)
         if bn_mode == "train" and not batch_norms(teacher):
             raise ValueError("MODEL.TEACHER.BN_MODE 'train' needs BatchNorm layers in the "
                              "teacher; its norm layers are frozen or of another kind")

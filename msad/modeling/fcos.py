@@ -31,6 +31,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss
 from torch import nn
 
+from ..config import check_choice
 from .alignment import (Branch, INPUT_SCALES, check_levels, level_index, level_shift,
                         normalize_and_pad, padded_size, padding_multiple)
 from .resample import check_resample, downsample
@@ -122,15 +123,9 @@ class AlignedFCOS(FCOS):
                 "would get no gradient (and DDP would need find_unused_parameters): adjust "
                 "MODEL.FPN.IN_FEATURES / MODEL.FPN.NUM_TOP_LEVELS")
         check_resample(input_resample)
-        if topk_ranking not in TOPK_RANKINGS:
-            raise ValueError(f"MODEL.FCOS.TOPK_RANKING must be one of {TOPK_RANKINGS}, "
-                             f"got {topk_ranking!r}")
-        if box_loss_weighting not in BOX_LOSS_WEIGHTINGS:
-            raise ValueError(f"MODEL.FCOS.BOX_LOSS_WEIGHTING must be one of "
-                             f"{BOX_LOSS_WEIGHTINGS}, got {box_loss_weighting!r}")
-        if input_scale not in INPUT_SCALES:
-            raise ValueError(f"MODEL.FCOS.INPUT_SCALE must be one of {INPUT_SCALES}, "
-                             f"got {input_scale!r}")
+        check_choice("MODEL.FCOS.TOPK_RANKING", topk_ranking, TOPK_RANKINGS)
+        check_choice("MODEL.FCOS.BOX_LOSS_WEIGHTING", box_loss_weighting, BOX_LOSS_WEIGHTINGS)
+        check_choice("MODEL.FCOS.INPUT_SCALE", input_scale, INPUT_SCALES)
         if input_scale == "low" and (len(branches) != 1 or branches[0].factor == 1):
             raise ValueError(
                 "MODEL.FCOS.INPUT_SCALE 'low' gives the detector an image that is already "

@@ -11,12 +11,13 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..config import check_choice
+
 RESAMPLE_MODES = ("nearest", "area", "bilinear", "bicubic")
 
 
 def check_resample(mode, key="MODEL.FCOS.INPUT_RESAMPLE"):
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"{key} must be one of {RESAMPLE_MODES}, got {mode!r}")
+    check_choice(key, mode, RESAMPLE_MODES)
 
 
 def downsample(x: torch.Tensor, factor, mode="nearest", size=None) -> torch.Tensor:

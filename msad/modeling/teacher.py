@@ -15,6 +15,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import weight_init
 from torch import nn
 
+from ..config import check_choice
 from .alignment import Branch, level_shift, shift_levels
 from .distill import batch_norms
 from .fcos import AlignedFCOS
@@ -104,10 +105,7 @@ class MultiScaleTeacher(AlignedFCOS):
             raise ValueError("MODEL.MSAD.BRANCH_BN needs BatchNorm layers that learn their "
                              "statistics in the backbone (MODEL.RESNETS.NORM 'BN' or 'SyncBN'); "
                              "this one has none")
-        if test_branch not in TEST_BRANCHES:
-            raise ValueError(f"MODEL.MSAD.TEST_BRANCH must be one of {TEST_BRANCHES}, "
-                             f"got {test_branch!r}")
-        self.test_branch = test_branch
+        self.test_branch = check_choice("MODEL.MSAD.TEST_BRANCH", test_branch, TEST_BRANCHES)
         self.joint_weight = joint_weight
         channels = self.backbone.output_shape()[self.branches[0].levels[0]].channels
         self.fusion = nn.ModuleList(

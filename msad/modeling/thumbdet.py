@@ -20,6 +20,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..config import check_choice
 from .distill import DistilledDetector
 from .fcos import AlignedFCOS, input_branch
 from .resample import downsample
@@ -34,8 +35,7 @@ CONSTANT_CHANNEL_STD = 1e-3
 
 
 def check_factor(factor):
-    if factor not in FACTORS:
-        raise ValueError(f"ThumbDet: MODEL.FCOS.INPUT_FACTOR must be one of {FACTORS}, got {factor}")
+    check_choice("ThumbDet: MODEL.FCOS.INPUT_FACTOR", factor, FACTORS)
 
 
 def thumbnail_side(side, factor):
@@ -128,8 +128,7 @@ def feature_mimic(student, teacher, mode="aligned"):
     "aligned": the pairs are spatially aligned levels of equal size.  "resize" (official): each
     student level is bilinearly resized to its partner's size first.
     """
-    if mode not in MIMIC_MODES:
-        raise ValueError(f"MODEL.THUMBDET.MIMIC_MODE must be one of {MIMIC_MODES}, got {mode!r}")
+    check_choice("MODEL.THUMBDET.MIMIC_MODE", mode, MIMIC_MODES)
     losses = []
     for s, t in zip(student, teacher):
         if mode == "resize":
@@ -180,9 +179,7 @@ class ThumbDet(DistilledDetector, AlignedFCOS):
     def from_config(cls, cfg):
         spec = cfg.MODEL.THUMBDET
         factor = input_branch(cfg).factor  # LearnedDownsampler checks it is 2 or 4
-        if spec.MIMIC_MODE not in MIMIC_MODES:
-            raise ValueError(f"MODEL.THUMBDET.MIMIC_MODE must be one of {MIMIC_MODES}, "
-                             f"got {spec.MIMIC_MODE!r}")
+        check_choice("MODEL.THUMBDET.MIMIC_MODE", spec.MIMIC_MODE, MIMIC_MODES)
         return dict(
             super().from_config(cfg),
             downsampler=LearnedDownsampler(factor, spec.HIDDEN_CHANNELS),
