@@ -15,15 +15,18 @@ from detectron2.structures import Boxes, Instances
 
 from msad.config import load_config
 from msad.data.synthetic import generate_split
-from msad.engine.teacher import build_frozen_teacher
+from msad.engine.teacher import build_frozen_teacher, use_trained_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART_TEACHER = os.path.join(REPO, "configs", "quickstart", "teacher.yaml")
 
 
 def quickstart_cfg(name="teacher", *opts):
-    """The (unfrozen) config of configs/quickstart/<name>.yaml with `opts` overrides."""
-    return load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
+    """The (unfrozen) config of configs/quickstart/<name>.yaml with `opts` overrides, its
+    teacher's config chosen as the training scripts choose it."""
+    cfg = load_config(os.path.join(REPO, "configs", "quickstart", f"{name}.yaml"), opts)
+    use_trained_config(cfg, named="MODEL.TEACHER.CONFIG_FILE" in opts[0::2])
+    return cfg
 
 
 def torchvision_opts(arch, norm="BN"):

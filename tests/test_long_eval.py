@@ -1,6 +1,6 @@
-"""Evaluating 1,000 images: the resident memory of the evaluating process stays flat.
+"""Evaluating 600 images: the resident memory of the evaluating process stays flat.
 
-Two passes over the same 1,000 images, each measuring RSS after 100 and after 1,000 images:
+Two passes over the same 600 images, each measuring RSS after 100 and after 600 images:
 the inference pipeline alone (loader, model, post-processing) must not grow; with Detectron2's
 COCOEvaluator, which keeps every prediction until it scores them, growth per image must stay a
 small fraction of one 256 x 256 source image as float32 (768 KiB), i.e. predictions only.
@@ -20,7 +20,7 @@ from msad.data.coco import register_coco_checked
 from msad.data.synthetic import generate_split
 from msad.engine.defaults import Trainer
 
-NUM_IMAGES = 1000
+NUM_IMAGES = 600
 PROBES = (100, NUM_IMAGES)
 
 
@@ -52,9 +52,9 @@ class RSSProbe(DatasetEvaluator):
 
 
 @pytest.mark.slow
-def test_evaluating_1000_images_keeps_memory_flat(tmp_path, capsys):
+def test_evaluating_600_images_keeps_memory_flat(tmp_path, capsys):
     generate_split(str(tmp_path / "val.json"), str(tmp_path / "images"), NUM_IMAGES, seed=11)
-    name = "msad_eval_memory_1000"
+    name = f"msad_eval_memory_{NUM_IMAGES}"
     if name not in DatasetCatalog.list():
         register_coco_checked(name, str(tmp_path / "val.json"), str(tmp_path / "images"))
     # Untrained, with every score kept: 100 detections per image, the most COCOEvaluator keeps.
@@ -80,7 +80,7 @@ def test_evaluating_1000_images_keeps_memory_flat(tmp_path, capsys):
     scored_growth = scored.rss[NUM_IMAGES] - scored.rss[100]
     per_image_kib = scored_growth * 1024 / (NUM_IMAGES - 100)
     with capsys.disabled():
-        print(f"\nRSS (MiB) after 100 / 1000 images: inference only {pipeline.rss[100]:.1f} / "
+        print(f"\nRSS (MiB) after 100 / {NUM_IMAGES} images: inference only {pipeline.rss[100]:.1f} / "
               f"{pipeline.rss[NUM_IMAGES]:.1f} ({pipeline_growth:+.1f}); with COCOEvaluator "
               f"{scored.rss[100]:.1f} / {scored.rss[NUM_IMAGES]:.1f} ({scored_growth:+.1f}, "
               f"{per_image_kib:.1f} KiB per image, {per_image:.1f} detections per image)")

@@ -93,7 +93,7 @@ def test_reuse_trained_retrains_what_depends_on_a_retrained_stage(tmp_path):
 
 def test_seed_and_output_are_set_by_the_tool_not_by_overrides(tmp_path, capsys):
     for args, message in ((["--seeds", 0], "--seeds must be at least 1"),
-                          (["--seed", -1], "--seed must be 0 or more"),
+                          (["--seed", -1], "--seed must be at least 0"),
                           (["SEED", 3], "set SEED with --seed"),
                           (["--", "SEED", 3], "set SEED with --seed"),
                           (["OUTPUT_DIR", tmp_path], "set OUTPUT_DIR with --output"),

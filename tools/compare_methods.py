@@ -30,7 +30,7 @@ import time
 from msad.benchmark.compare import (MODELS, MODEL_NAMES, PROTOCOLS, Run, job_overrides, markdown,
                                     parse_variant, plan, plot, read_results, run_jobs, summarise,
                                     to_run, variant_comparisons)
-from msad.benchmark.pipeline import checked_overrides
+from msad.benchmark.pipeline import add_schedule_arguments, check_at_least, checked_overrides
 
 DEFAULT_MODELS = ("hr", "teacher", "lr", "lr_long", "lr_teacher_init", "student")
 
@@ -45,9 +45,6 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of each training (default: the cores / --jobs)")
-    parser.add_argument("--iters", type=int, default=900,
-                        help="iterations per model (the quickstart schedule scaled to it); "
-                        "0 keeps the configs' own")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="detail",
                         help="the dataset (and its settings) every model trains on")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=DEFAULT_MODELS)
@@ -61,19 +58,12 @@ def main(argv=None):
                         "for the teacher's branches)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished models, train nothing")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="config overrides for every model, e.g. SOLVER.BASE_LR 0.01")
+    add_schedule_arguments(parser, 900, "900; 0 keeps the configs' own")
     args = parser.parse_args(argv)
     args.overrides = checked_overrides(parser, args.overrides,
                                        {"SEED": "--first-seed", "OUTPUT_DIR": "--output"})
-    if args.seeds < 2:
-        parser.error(f"--seeds must be at least 2 (an interval needs a spread), got {args.seeds}")
-    if args.first_seed < 0:
-        parser.error(f"--first-seed must be 0 or more, got {args.first_seed}")
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
-        parser.error("--jobs and --threads must be at least 1")
-    if args.iters < 0:
-        parser.error(f"--iters must be 0 or more, got {args.iters}")
+    check_at_least(parser, {"--seeds": (2, " (an interval needs a spread)"), "--first-seed": (0, ""),
+                            "--jobs": (1, ""), "--threads": (1, ""), "--iters": (0, "")}, args)
     models = [m for m in MODELS if m.name in args.models]
     output = os.path.abspath(args.output)  # the training scripts run from the repository
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

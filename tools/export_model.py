@@ -38,9 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--weights", required=True)
     parser.add_argument("--format", required=True, choices=sorted(MODEL_FILES))
     parser.add_argument("--output", required=True, help="the folder to write into")
+    low = "images already 1/MODEL.FCOS.INPUT_FACTOR of the training resolution"
     parser.add_argument("--input-scale", choices=INPUT_SCALES,
-                        help="'low': export the low-resolution detector for images already "
-                        "1/MODEL.FCOS.INPUT_FACTOR of the training resolution")
+                        help=f"'low': export the low-resolution detector for {low}")
     parser.add_argument("--no-postprocess", action="store_true",
                         help="output each level's raw head outputs instead of detections")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")

@@ -34,7 +34,8 @@ import sys
 import time
 
 import msad  # noqa: F401  (first: it registers the bundled data and quiets upstream notices)
-from msad.benchmark.pipeline import checked_overrides, schedule_overrides
+from msad.benchmark.pipeline import (add_schedule_arguments, check_at_least, checked_overrides,
+                                     schedule_overrides)
 from msad.benchmark.quickstart import own_data_overrides, pipeline, train_stages
 from msad.benchmark.report import write_report
 from msad.config import REPO, load_config
@@ -62,32 +63,23 @@ def main(argv=None):
     names.add_argument("--classes", nargs="+", help="class names in order (VOC, YOLO)")
     names.add_argument("--classes-file", help="class names: one per line, or a YOLO data.yaml")
     parser.add_argument("--width", type=float, help="ResNet width (default: the configs' 0.25)")
-    parser.add_argument("--iters", type=int,
-                        help="iterations per model (default: the configs' 600), with the LR step, "
-                        "warm-ups and checkpoints scaled alike")
     parser.add_argument("--thumbnail-factor", type=int, choices=(2, 4), default=4,
                         help="factor of the bicubic and ThumbDet thumbnails")
     parser.add_argument("--no-thumbnails", action="store_true",
                         help="leave out the bicubic and ThumbDet thumbnail detectors")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="config overrides for every stage, e.g. SOLVER.IMS_PER_BATCH 8")
+    add_schedule_arguments(parser, None, "the configs' 600")
     args = parser.parse_args(argv)
-    if args.timing_images < 3:
-        parser.error(f"--timing-images must be at least 3 (two are warm-up), got {args.timing_images}")
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    check_at_least(parser, {"--timing-images": (3, " (two are warm-up)"), "--seeds": (1, ""),
+                            "--iters": (1, "")}, args)
     if bool(args.train) != bool(args.val):
         parser.error("--train and --val go together")
-    if args.iters is not None and args.iters < 1:
-        parser.error(f"--iters must be at least 1, got {args.iters}")
     args.overrides = checked_overrides(parser, args.overrides,
                                        {"SEED": "--seed", "OUTPUT_DIR": "--output"})
     stages = pipeline(args.thumbnail_factor, not args.no_thumbnails)
     if args.seed is None:
         args.seed = load_config(os.path.join(REPO, stages[0].config), args.overrides).SEED
-    if args.seed < 0:
-        parser.error(f"--seed must be 0 or more (Detectron2 draws a random seed for a negative "
-                     f"one, which no rerun repeats), got {args.seed}")
+    check_at_least(parser, {"--seed": (0, " (Detectron2 draws a random seed for a negative one, "
+                                          "which no rerun repeats)")}, args)
     args.output = os.path.abspath(args.output)  # the training scripts run from the repository
     os.makedirs(args.output, exist_ok=True)
     try:

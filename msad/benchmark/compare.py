@@ -62,16 +62,15 @@ MODELS = (
 MODEL_NAMES = tuple(m.name for m in MODELS)
 
 # (a, b, what a - b measures): a and b are model names, or model:eval for an extra evaluation.
-COMPARISONS = (
-    ("lr", "hr", "what there is to recover (LR FCOS - HR FCOS)"),
-    ("teacher", "hr", "teacher - HR FCOS"),
-    ("teacher:hr", "hr", "teacher's HR branch alone - HR FCOS"),
-    ("student", "lr_teacher_init", "distillation alone (student - LR FCOS, teacher init)"),
-    ("student", "lr", "student - LR FCOS"),
-    ("student", "lr_long", "student - LR FCOS trained as long as teacher + student"),
-    ("lr_teacher_init", "lr_long", "teacher init alone (LR FCOS, teacher init - 2x LR FCOS)"),
-    ("thumbdet_4x", "bicubic_4x", "ThumbDet 4x - bicubic 4x"),
-)
+COMPARISONS = tuple(tuple(row.split(" ", 2)) for row in """\
+lr hr what there is to recover (LR FCOS - HR FCOS)
+teacher hr teacher - HR FCOS
+teacher:hr hr teacher's HR branch alone - HR FCOS
+student lr_teacher_init distillation alone (student - LR FCOS, teacher init)
+student lr student - LR FCOS
+student lr_long student - LR FCOS trained as long as teacher + student
+lr_teacher_init lr_long teacher init alone (LR FCOS, teacher init - 2x LR FCOS)
+thumbdet_4x bicubic_4x ThumbDet 4x - bicubic 4x""".splitlines())
 METRICS = ("AP", "APs", "AP50")
 # The dataset and schedule of a benchmark, as overrides of every model's config.
 PROTOCOLS = {

@@ -1,6 +1,7 @@
 """What the tools that train several models one after another share (tools/quickstart.py,
 tools/compare_methods.py): the quickstart schedule scaled to another length, and reading a
 training's progress from Detectron2's log lines."""
+import argparse
 import re
 
 # Detectron2's CommonMetricPrinter line: "eta: [N day, ]H:MM:SS  iter: I ...".
@@ -31,6 +32,25 @@ def schedule_overrides(iters):
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({at(5 / 6)},)",
             "SOLVER.WARMUP_ITERS", at(1 / 12), "SOLVER.CHECKPOINT_PERIOD", at(1 / 3),
             "MODEL.MSAD.KD_WARMUP_ITERS", at(1 / 6), "MODEL.THUMBDET.WARMUP_ITERS", at(1 / 6)]
+
+
+def add_schedule_arguments(parser, iters, iters_default):
+    """The options of a tool that trains every quickstart model: --iters (`iters`, said as
+    `iters_default` in the help) and the config overrides for every model, last."""
+    parser.add_argument("--iters", type=int, default=iters, help=(
+        f"iterations per model, the LR step, warm-ups and checkpoints scaled alike (default: "
+        f"{iters_default})"))
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="config overrides for every model, e.g. SOLVER.IMS_PER_BATCH 8")
+
+
+def check_at_least(parser, minimums, args):
+    """Each option of `minimums` ({option: (least value, why)}) that `args` sets (not None) is
+    at least its value; errors go through the argparse `parser` (exit 2)."""
+    for option, (least, why) in minimums.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and value < least:
+            parser.error(f"{option} must be at least {least}{why}, got {value}")
 
 
 def checked_overrides(parser, overrides, set_by_tool):

@@ -56,13 +56,13 @@ def points_from_runs(runs, costs_file, latency_file=None):
     points = []
     for run in runs:
         name, _, output_dir = run.partition("=")
-        if name not in costs:
-            raise ValueError(f"{name!r} is not a model of {costs_file} "
-                             f"({sorted(costs)})")
-        config = os.path.normpath(costs[name]["config"])
+        cost = costs.get(name)
+        if cost is None:
+            raise ValueError(f"{name!r} is not a model of {costs_file} ({sorted(costs)})")
+        config = os.path.normpath(cost["config"])
         ms = next((v for k, v in latency.items() if k.endswith(config)), None)
         points.append({"model": name, "AP": last_bbox_metrics(output_dir)["AP"],
-                       "gmacs": costs[name]["total"],
+                       "gmacs": cost["total"],
                        "ms_per_image": ms})
     return points
 

@@ -74,12 +74,18 @@ def _voc_image(xml_path, root, image_dir):
                             f"{IMAGE_EXTENSIONS}) in {image_dir}")
 
 
+def found(folder, files, what):
+    """`files` found in `folder`; none is an error naming the folder and `what` was looked for."""
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {what}")
+    return files
+
+
 def voc_to_coco(annotation_dir, image_dir, classes=None, keep_difficult=False):
     """COCO instances of a folder of VOC XML files; `classes` (default: the names found,
     sorted) fixes the category order."""
-    xml_files = sorted(f for f in os.listdir(annotation_dir) if f.lower().endswith(".xml"))
-    if not xml_files:
-        raise FileNotFoundError(f"{annotation_dir}: no .xml annotation file")
+    xml_files = found(annotation_dir, sorted(
+        f for f in os.listdir(annotation_dir) if f.lower().endswith(".xml")), ".xml annotation file")
     parsed = []
     for name in xml_files:
         path = os.path.join(annotation_dir, name)
@@ -140,9 +146,7 @@ def read_class_names(path):
 def yolo_to_coco(label_dir, image_dir, classes):
     """COCO instances of YOLO labels: every image of `image_dir`, with the boxes of
     `label_dir`/<same relative path>.txt (none if there is no such file)."""
-    images = image_files(image_dir)
-    if not images:
-        raise FileNotFoundError(f"{image_dir}: no image file")
+    images = found(image_dir, image_files(image_dir), "image file")
     records = []
     for file_name in images:
         width, height = image_size(os.path.join(image_dir, file_name))

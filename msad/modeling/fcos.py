@@ -41,6 +41,13 @@ from .resample import check_resample, downsample
 TOPK_RANKINGS = ("score", "product")
 # How the box loss weighs the positive locations (MODEL.FCOS.BOX_LOSS_WEIGHTING).
 BOX_LOSS_WEIGHTINGS = ("uniform", "centerness")
+# MODEL.FCOS keys that are AlignedFCOS arguments of the same name in lower case, and the
+# test-time ones Detectron2's FCOS names test_*.
+FCOS_ARGUMENT_KEYS = ("INPUT_RESAMPLE", "SIZE_DIVISIBILITY", "INPUT_SCALE", "NUM_CLASSES",
+                      "CENTER_SAMPLING_RADIUS", "FOCAL_LOSS_ALPHA", "FOCAL_LOSS_GAMMA",
+                      "TOPK_RANKING", "BOX_LOSS_WEIGHTING")
+FCOS_TEST_KEYS = {"test_score_thresh": "SCORE_THRESH_TEST",
+                  "test_topk_candidates": "TOPK_CANDIDATES_TEST", "test_nms_thresh": "NMS_THRESH_TEST"}
 
 
 def sum_over_processes(value: float, device) -> float:
@@ -136,10 +143,8 @@ class AlignedFCOS(FCOS):
                          **fcos_kwargs)
         self.branches = [Branch(b.factor, tuple(b.levels)) for b in branches]
         self.full_resolution_levels = self.branches[0].full_resolution_levels
-        self.input_resample = input_resample
-        self.topk_ranking = topk_ranking
-        self.box_loss_weighting = box_loss_weighting
-        self.size_divisibility = divisibility
+        self.input_resample, self.size_divisibility = input_resample, divisibility
+        self.topk_ranking, self.box_loss_weighting = topk_ranking, box_loss_weighting
         # How much smaller than the full resolution the given images are: 1, or the factor of
         # the one branch when it is given low-resolution images.
         self.given_factor = self.branches[0].factor if input_scale == "low" else 1
@@ -158,22 +163,13 @@ class AlignedFCOS(FCOS):
         """Arguments common to every FCOS of this project, from MODEL.FCOS."""
         shapes = backbone.output_shape()
         check_levels(branches[0], shapes)
+        spec = cfg.MODEL.FCOS
         return dict(
             backbone=backbone,
             head=build_fcos_head(cfg, [shapes[name] for name in branches[0].levels]),
             branches=branches,
-            input_resample=cfg.MODEL.FCOS.INPUT_RESAMPLE,
-            size_divisibility=cfg.MODEL.FCOS.SIZE_DIVISIBILITY,
-            input_scale=cfg.MODEL.FCOS.INPUT_SCALE,
-            num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
-            center_sampling_radius=cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS,
-            focal_loss_alpha=cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA,
-            focal_loss_gamma=cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA,
-            test_score_thresh=cfg.MODEL.FCOS.SCORE_THRESH_TEST,
-            test_topk_candidates=cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST,
-            test_nms_thresh=cfg.MODEL.FCOS.NMS_THRESH_TEST,
-            topk_ranking=cfg.MODEL.FCOS.TOPK_RANKING,
-            box_loss_weighting=cfg.MODEL.FCOS.BOX_LOSS_WEIGHTING,
+            **{key.lower(): spec.get(key) for key in FCOS_ARGUMENT_KEYS},
+            **{argument: spec.get(key) for argument, key in FCOS_TEST_KEYS.items()},
             max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
