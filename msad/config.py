@@ -273,9 +273,12 @@ def _resolve_relative_to_config(cfg, key, config_file):
         setattr(node, name, os.path.normpath(os.path.join(os.path.dirname(setter), path)))
 
 
-def inference_sizes(cfg):
+def inference_sizes(cfg, given_factor=None):
     """(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST) for the images the detector is given: divided
-    by MODEL.FCOS.INPUT_FACTOR when they are already that much smaller (INPUT_SCALE low), so
-    that the same scene reaches the backbone with the same pixels."""
-    factor = cfg.MODEL.FCOS.INPUT_FACTOR if cfg.MODEL.FCOS.INPUT_SCALE == "low" else 1
-    return round(cfg.INPUT.MIN_SIZE_TEST / factor), cfg.INPUT.MAX_SIZE_TEST / factor
+    by how much smaller than the full resolution they already are, so that the same scene
+    reaches the backbone with the same pixels.  That factor is the model's ``given_factor``;
+    without a model at hand (Detectron2 builds the test loader from the config alone), the
+    config's: MODEL.FCOS.INPUT_FACTOR for INPUT_SCALE low, else 1."""
+    if given_factor is None:
+        given_factor = cfg.MODEL.FCOS.INPUT_FACTOR if cfg.MODEL.FCOS.INPUT_SCALE == "low" else 1
+    return round(cfg.INPUT.MIN_SIZE_TEST / given_factor), cfg.INPUT.MAX_SIZE_TEST / given_factor

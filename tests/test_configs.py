@@ -29,6 +29,16 @@ def test_config_builds_its_model(path):
     cfg = load_config(path, ["MODEL.DEVICE", "cpu", *NO_IMAGENET_START])
     model = build_model(cfg)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+    # What the config says the model is, it is: classes, input factor, the levels its head reads
+    # and their width.
+    assert model.head.cls_score.out_channels == model.num_classes == cfg.MODEL.FCOS.NUM_CLASSES
+    assert model.branches[0].factor == cfg.MODEL.FCOS.INPUT_FACTOR
+    shapes = model.backbone.output_shape()
+    assert all(shapes[level].channels == cfg.MODEL.FPN.OUT_CHANNELS
+               for branch in model.branches for level in branch.levels)
+    if cfg.MODEL.BACKBONE.NAME == "build_slimmable_resnet_fpn_backbone":
+        res2 = model.backbone.bottom_up.res2[0].conv3.out_channels
+        assert res2 == int(256 * cfg.MODEL.SLIMMABLE.WIDTH)
 
 
 # ../shared/reference/official-configs.md: batch, base LR, iterations, LR steps per config.

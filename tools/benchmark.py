@@ -58,10 +58,10 @@ def config_spec(spec):
     return path, scale or "full"
 
 
-def input_size(cfg, size, input_scale):
-    """The benchmark image's (H, W): --size, or its 1/INPUT_FACTOR for low-resolution input."""
-    f = cfg.MODEL.FCOS.INPUT_FACTOR if input_scale == "low" else 1
-    return tuple(math.ceil(s / f) for s in size)
+def input_size(model, size):
+    """The benchmark image's (H, W): --size, or as much smaller as the model is given images
+    (its low-resolution input)."""
+    return tuple(math.ceil(s / model.given_factor) for s in size)
 
 
 def synchronize(device):
@@ -112,7 +112,7 @@ def measure_one(args):
     device = args.device
     config, input_scale = config_spec(args.one)
     cfg, model = build(config, device, args.channels_last, input_scale)
-    size = input_size(cfg, args.size, input_scale)
+    size = input_size(model, args.size)
     if args.runtime != "eager":
         return export_one(args, cfg, model, config, input_scale, size)
     model.eval()

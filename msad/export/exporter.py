@@ -108,7 +108,7 @@ def output_names(model, adapter, postprocess):
 def metadata(predictor, fmt, postprocess, names, opset, model_file):
     """model.json: what running the exported file needs, and where it came from."""
     cfg, model = predictor.cfg, predictor.model
-    min_size, max_size = inference_sizes(cfg)
+    min_size, max_size = inference_sizes(cfg, model.given_factor)
     strides = [s // model.given_factor for s in model.anchor_generator.strides]
     return {
         "msad_export": msad_runtime.FORMAT_VERSION,
@@ -124,8 +124,8 @@ def metadata(predictor, fmt, postprocess, names, opset, model_file):
             "format": cfg.INPUT.FORMAT,
             "min_size_test": min_size,
             "max_size_test": max_size,
-            "input_scale": cfg.MODEL.FCOS.INPUT_SCALE,
-            "input_factor": cfg.MODEL.FCOS.INPUT_FACTOR,
+            "input_scale": "low" if model.given_factor > 1 else "full",
+            "input_factor": model.branches[0].factor,
             "size_divisibility": model.padding(),
         },
         "pixel_mean": cfg.MODEL.PIXEL_MEAN,

@@ -76,7 +76,7 @@ class Predictor:
         self.metadata = Metadata(name=weights, **class_metadata(cfg, info))
         self.model = build_model(cfg).eval()
         SafeCheckpointer(self.model, source="weights", complete=True).load(weights)
-        min_size, max_size = inference_sizes(cfg)
+        min_size, max_size = inference_sizes(cfg, self.model.given_factor)
         self.resize = T.ResizeShortestEdge([min_size, min_size], max_size)
         self.input_format = cfg.INPUT.FORMAT
 
