@@ -1,6 +1,7 @@
 """The main job (tools/quickstart.py): end to end, seeded stages that repeat, its table, its options."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, quickstart_cfg, tool, train_in_process
+from helpers import REPO, quickstart_cfg, tool, tool_here, train_in_process
 from msad.benchmark.quickstart import STAGES, stage_opts, stages_to_train
 from msad.benchmark.report import format_table, summarise
 
@@ -29,6 +30,25 @@ def test_the_main_job_runs_end_to_end_with_another_seed(main_job):
     for picture in ("detections.png", "ap_vs_cost.png", "ap_vs_cost.svg"):
         assert (tmp_path / picture).stat().st_size > 1000, picture
     assert len(list(tmp_path.glob("thumbnails_*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_several_seeds_reuse_what_is_trained_and_report_mean_and_std(main_job, tmp_path):
+    """--seeds 2 --reuse-trained through the whole tool, on the main job's models copied as the
+    models of two seeds: nothing is trained again, and the table and summary.json give the mean
+    ± std over the seeds and each seed's AP."""
+    out, _ = main_job
+    for seed in (1, 2):
+        shutil.copytree(out / "seed1", tmp_path / f"seed{seed}")
+    proc = tool_here("quickstart", "--output", tmp_path, "--seed", 1, "--seeds", 2,
+                     "--reuse-trained", "--timing-images", 3, "SOLVER.MAX_ITER", 20)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("] reusing ") == 2 * len(STAGES)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2]
+    row = next(r for r in summary["rows"] if r["AP"] is not None)
+    assert row["per_seed"]["1"] == row["per_seed"]["2"] and row["AP_std"] == 0
+    assert "±" in proc.stdout and "AP of seeds 1,2" in proc.stdout
 
 
 @pytest.mark.slow
