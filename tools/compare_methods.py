@@ -62,8 +62,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.overrides = checked_overrides(parser, args.overrides,
                                        {"SEED": "--first-seed", "OUTPUT_DIR": "--output"})
-    check_at_least(parser, {"--seeds": (2, " (an interval needs a spread)"), "--first-seed": (0, ""),
-                            "--jobs": (1, ""), "--threads": (1, ""), "--iters": (0, "")}, args)
+    check_at_least(parser, {"--seeds": (2, " (an interval needs a spread)"),
+                            "--first-seed": (0, ""), "--jobs": (1, ""), "--threads": (1, ""),
+                            "--iters": (0, "")}, args)
     models = [m for m in MODELS if m.name in args.models]
     output = os.path.abspath(args.output)  # the training scripts run from the repository
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

@@ -61,7 +61,8 @@ def write_comparisons(model, dataset_dicts, output_dir, input_format="RGB"):
     os.makedirs(output_dir, exist_ok=True)
     written = []
     for d in dataset_dicts:
-        picture, contrast = compare_thumbnails(model, read_image(d["file_name"], format="RGB"), input_format)
+        image_rgb = read_image(d["file_name"], format="RGB")
+        picture, contrast = compare_thumbnails(model, image_rgb, input_format)
         path = os.path.join(output_dir, f"thumbnails_{d['image_id']}.png")
         cv2.imwrite(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         written.append((path, contrast))

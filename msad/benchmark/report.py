@@ -162,8 +162,8 @@ def write_report(stages, output, seeds, overrides, timing_images, train_seconds,
     image_rgb = read_image(val[0]["file_name"], format="RGB")
     gt = [a for a in val[0]["annotations"] if not a.get("iscrowd")]
     scale = min(2.0, 512 / max(image_rgb.shape[:2]))  # panels of at most 512 pixels
-    panels = [panel(image_rgb, metadata, "ground truth", scale,
-                    boxes=[BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in gt],
+    gt_boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in gt]
+    panels = [panel(image_rgb, metadata, "ground truth", scale, boxes=gt_boxes,
                     labels=[metadata.thing_classes[a["category_id"]] for a in gt])]
     size = macs_size(first_cfg, val)
     rows, models = [], {}

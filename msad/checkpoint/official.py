@@ -3,14 +3,15 @@
 An official checkpoint is Detectron2's ``{"model": state_dict, ...}`` of one module holding
 everything its training used: the teacher (TFCOS) has ``T_backbone.*`` (the slimmable ResNet-50
 ``bottom_up.features.*`` with full-width convolutions and one BatchNorm set per width of
-``msad.config.OFFICIAL_WIDTH_LIST``, Detectron2's FPN and P6/P7 from C5 built for its width), ``T_fcos_head.*`` (GroupNorm
-towers ``cls_tower``/``bbox_tower``, ``cls_logits``, ``bbox_pred`` and ``ctrness`` without
-biases, one ``scales.<l>.scale`` per level) and ``SE.fc.{0,2}.weight``, the one crossing-level
-fusion all five levels share.  The student (SFCOS) adds ``S_backbone.*`` and ``S_fcos_head.*``
-beside a copy of its teacher.  ``convert`` maps one of them onto ``MultiScaleTeacher`` or
-``MSADStudent``: convolutions sliced to the width and its BatchNorm set taken
-(``msad/checkpoint/slimmable.py``), FPN as it is, towers renamed, the per-level scales stacked, the shared
-fusion copied to each level, and zeros for the two biases the official head does not have.
+``msad.config.OFFICIAL_WIDTH_LIST``, Detectron2's FPN and P6/P7 from C5 built for its width),
+``T_fcos_head.*`` (GroupNorm towers ``cls_tower``/``bbox_tower``, ``cls_logits``, ``bbox_pred`` and
+``ctrness`` without biases, one ``scales.<l>.scale`` per level) and ``SE.fc.{0,2}.weight``, the one
+crossing-level fusion all five levels share. The student (SFCOS) adds ``S_backbone.*`` and
+``S_fcos_head.*`` beside a copy of its teacher. ``convert`` maps one of them onto
+``MultiScaleTeacher`` or ``MSADStudent``: convolutions sliced to the width and its BatchNorm set
+taken (``msad.checkpoint.slimmable``), FPN as it is, towers renamed, the per-level scales stacked,
+the shared fusion copied to each level, and zeros for the two biases the official head does not
+have.
 """
 import os
 from typing import Dict, List, NamedTuple

@@ -84,8 +84,8 @@ def found(folder, files, what):
 def voc_to_coco(annotation_dir, image_dir, classes=None, keep_difficult=False):
     """COCO instances of a folder of VOC XML files; `classes` (default: the names found,
     sorted) fixes the category order."""
-    xml_files = found(annotation_dir, sorted(
-        f for f in os.listdir(annotation_dir) if f.lower().endswith(".xml")), ".xml annotation file")
+    xml_files = found(annotation_dir, sorted(f for f in os.listdir(annotation_dir)
+                                             if f.lower().endswith(".xml")), ".xml annotation file")
     parsed = []
     for name in xml_files:
         path = os.path.join(annotation_dir, name)

@@ -47,7 +47,8 @@ FCOS_ARGUMENT_KEYS = ("INPUT_RESAMPLE", "SIZE_DIVISIBILITY", "INPUT_SCALE", "NUM
                       "CENTER_SAMPLING_RADIUS", "FOCAL_LOSS_ALPHA", "FOCAL_LOSS_GAMMA",
                       "TOPK_RANKING", "BOX_LOSS_WEIGHTING")
 FCOS_TEST_KEYS = {"test_score_thresh": "SCORE_THRESH_TEST",
-                  "test_topk_candidates": "TOPK_CANDIDATES_TEST", "test_nms_thresh": "NMS_THRESH_TEST"}
+                  "test_topk_candidates": "TOPK_CANDIDATES_TEST",
+                  "test_nms_thresh": "NMS_THRESH_TEST"}
 
 
 def sum_over_processes(value: float, device) -> float:
