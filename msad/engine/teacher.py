@@ -10,7 +10,6 @@ import os
 from typing import NamedTuple, Optional
 
 from detectron2.config import CfgNode
-
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
